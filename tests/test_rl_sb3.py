@@ -1,0 +1,106 @@
+"""Stable-Baselines3: LociSVecEnvWrapper (done rows, terminal_observation), SlotSetExtractor, PPO."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from locis_rl import LociSVecEnvWrapper, LociSWrapper
+from locis_rl.rl.sb3 import SlotSetExtractor
+from test_rl_common import FakePixelEnv, make_model
+
+LENGTHS = (2, 3)
+SEED = 11
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def _venv(model, **kwargs):
+    venv = DummyVecEnv([lambda n=n: FakePixelEnv(episode_length=n) for n in LENGTHS])
+    return LociSVecEnvWrapper(venv, model=model, device="cpu", **kwargs)
+
+
+def test_sb3_check_env_on_wrapped_env(model):
+    sb3_check_env(LociSWrapper(FakePixelEnv(), model=model, device="cpu"), warn=True)
+
+
+def test_vec_wrapper_resets_done_rows_and_converts_terminal_obs(model):
+    venv = _venv(model)
+    venv.seed(SEED)
+    obs = venv.reset()
+    assert venv.observation_space.contains({k: v[0] for k, v in obs.items()})
+    actions = np.zeros((len(LENGTHS), 2), np.float32)
+    seen = [[{k: v[i] for k, v in obs.items()}] for i in range(len(LENGTHS))]
+    terminals = [[] for _ in LENGTHS]
+    for _ in range(4):
+        obs, _, dones, infos = venv.step(actions)
+        for i in range(len(LENGTHS)):
+            seen[i].append({k: v[i] for k, v in obs.items()})
+            if dones[i]:
+                term = infos[i]["terminal_observation"]
+                assert venv.observation_space.contains(term)
+                terminals[i].append(term)
+    # each row equals the same env run alone: terminal features = last step, then a fresh episode
+    for i, n in enumerate(LENGTHS):
+        single = LociSWrapper(FakePixelEnv(episode_length=n), model=model, device="cpu")
+        expected, finals = [single.reset(seed=SEED + i)[0]], []
+        for _ in range(4):
+            o, _, term, trunc, _ = single.step(np.zeros(2, np.float32))
+            if term or trunc:
+                finals.append(o)
+                o, _ = single.reset()
+            expected.append(o)
+        for a, b in zip(seen[i], expected):
+            for key in a:
+                np.testing.assert_allclose(a[key], b[key], atol=ATOL)
+        assert len(finals) == len(terminals[i])
+        for a, b in zip(terminals[i], finals):
+            for key in a:
+                np.testing.assert_allclose(a[key], b[key], atol=ATOL)
+
+
+def test_slot_set_extractor_permutation_invariant_and_all_absent(model):
+    space = LociSWrapper(FakePixelEnv(), model=model, device="cpu").observation_space
+    extractor = SlotSetExtractor(space, features_dim=16, hidden=32)
+    k, g = space["gestalt"].shape
+    obs = {"gestalt": torch.rand(3, k, g), "position": torch.randn(3, k, 4), "depth": torch.rand(3, k, 1),
+           "presence": (torch.rand(3, k) > 0.3).float()}
+    obs["presence"][2] = 0.0                                   # a row with no object at all
+    out = extractor(obs)
+    assert out.shape == (3, 16) and torch.isfinite(out).all()
+    perm = torch.randperm(k)
+    out_perm = extractor({key: v[:, perm] for key, v in obs.items()})
+    torch.testing.assert_close(out, out_perm, atol=1e-5, rtol=1e-5)
+    # an absent slot's content does not matter
+    changed = {key: v.clone() for key, v in obs.items()}
+    changed["gestalt"][2] = 5.0
+    torch.testing.assert_close(extractor(changed)[2], out[2])
+
+
+def test_slot_set_extractor_flat_box(model):
+    env = LociSWrapper(FakePixelEnv(), model=model, device="cpu", flatten=True)
+    with pytest.raises(ValueError, match="num_slots"):
+        SlotSetExtractor(env.observation_space)
+    extractor = SlotSetExtractor(env.observation_space, features_dim=8, num_slots=env.num_slots)
+    obs, _ = env.reset(seed=0)
+    assert extractor(torch.as_tensor(obs)[None]).shape == (1, 8)
+
+
+def test_ppo_runs_with_slot_set_extractor(model):
+    # 192 env steps (2 rollouts of 2 envs x 48 steps, 2 updates); episodes of 16 steps keep the
+    # number of (costlier) warm-up resets low.
+    venv = LociSVecEnvWrapper(DummyVecEnv([lambda: FakePixelEnv(episode_length=16)] * 2), model=model,
+                              device="cpu")
+    ppo = PPO("MultiInputPolicy", venv, n_steps=48, batch_size=48, n_epochs=2, seed=0, device="cpu",
+              policy_kwargs=dict(features_extractor_class=SlotSetExtractor,
+                                 features_extractor_kwargs=dict(features_dim=32, hidden=32)))
+    ppo.learn(total_timesteps=192)
+    assert ppo.num_timesteps >= 192
+    assert isinstance(ppo.policy.features_extractor, SlotSetExtractor)
