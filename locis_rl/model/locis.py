@@ -375,8 +375,9 @@ class LociS(nn.Module):
                                  f"size {b}")
         if self.check_inputs:
             finite = torch.isfinite(rgb).all()
-            in_range = (rgb.amin() >= 0) & (rgb.amax() <= 1) if rgb.numel() else torch.tensor(True)
-            ok_depth = torch.tensor(True)
+            true = torch.ones((), dtype=torch.bool, device=rgb.device)
+            in_range = (rgb.amin() >= 0) & (rgb.amax() <= 1) if rgb.numel() else true
+            ok_depth = true
             if depth is not None and depth.is_floating_point():
                 ok_depth = ~torch.isnan(depth).any()
             flags = torch.stack([finite, in_range, ok_depth]).cpu().tolist()

@@ -1,0 +1,310 @@
+"""Evaluate a Loci-s checkpoint on recorded videos: segmentation and reconstruction metrics.
+
+Usage::
+
+    python -m locis_rl.evaluate --checkpoint runs/quickstart-.../model.pt --data data/val.h5 \\
+        --mode rnd --mode reg --mode seg [--json metrics.json] [--out vis/] [--max-sequences 16]
+
+``--checkpoint`` takes a file from ``LociS.save_pretrained``, ``default`` (the shipped model), a
+training run directory (its ``model.pt``, else its ``checkpoint.pt``) or a training
+``checkpoint.pt``. ``--mode`` may be repeated (or given several values); default: all three.
+
+What is measured (per slot-assignment mode, ``rnd`` / ``reg`` / ``seg``, section 3.6)
+------------------------------------------------------------------------------------
+The model runs over every sequence in eval mode: ``init_state`` (seeded), then ``step`` per frame
+(the first frame includes the ``warmup_inference`` warm-up passes). The visible masks of a step
+(``[K+1,H,W]``, background slot last) become a label map by argmax, with the background slot -> 0
+and slot ``k`` -> ``k + 1`` (:func:`labels_from_masks`). Metrics (:mod:`locis_rl.metrics`) are
+computed per sequence on the ``(T,H,W)`` label video and averaged over sequences (``nanmean``):
+
+* ``FG-ARI`` (= ARI-O): ARI over ground-truth foreground pixels; one cluster per object over the
+  whole sequence, so identity switches count.
+* ``mIoU``: per-frame Hungarian matching (as the paper's table 1), background excluded;
+  ``mIoU-seq``: one matching per sequence.
+* ``ARI-A`` / ``AMI-A`` (all pixels), ``AMI-O`` (foreground), ``F1`` (IoU >= 0.5 detections,
+  per sequence), ``OCA`` (object count per sequence exactly right).
+* ``RGB-SSIM`` / ``RGB-MSE``: reconstruction of the current frame; ``Depth-SSIM`` / ``Depth-MSE``:
+  predicted vs. ground-truth depth, both in scene-relative units (appendix B), when the file stores
+  depth.
+
+Files without segmentation give the reconstruction metrics only. Visualisations (``--out``): per
+mode and sequence a PNG (frames 0, T/2, T-1) and a GIF (all frames) of the slot decomposition:
+input | masks overlaid | reconstruction | background | slots (rows: RGB, depth, masks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["evaluate_model", "labels_from_masks", "load_model", "format_table", "main", "METRIC_KEYS"]
+
+SEGMENTATION_KEYS = ("FG-ARI", "mIoU", "mIoU-seq", "ARI-A", "AMI-A", "AMI-O", "F1", "OCA")
+RECONSTRUCTION_KEYS = ("RGB-SSIM", "RGB-MSE", "Depth-SSIM", "Depth-MSE")
+METRIC_KEYS = SEGMENTATION_KEYS + RECONSTRUCTION_KEYS
+
+
+def labels_from_masks(masks: torch.Tensor) -> torch.Tensor:
+    """Label map from visible masks ``[..., K+1, H, W]`` (background slot last).
+
+    Returns ``int64 [..., H, W]``: 0 where the background slot wins the argmax, ``k + 1`` where
+    slot ``k`` does.
+    """
+    k = masks.shape[-3] - 1
+    idx = masks.argmax(dim=-3)
+    return torch.where(idx == k, torch.zeros_like(idx), idx + 1)
+
+
+def load_model(checkpoint: str | os.PathLike, map_location: Any = "cpu"):
+    """A :class:`LociS` from a model file, ``default``, a run directory or a training checkpoint."""
+    from locis_rl.model import LociS
+
+    path = Path(checkpoint) if str(checkpoint) != "default" else None
+    if path is not None and path.is_dir():
+        if (path / "model.pt").exists():
+            path = path / "model.pt"
+        elif (path / "checkpoint.pt").exists():
+            path = path / "checkpoint.pt"
+        else:
+            raise FileNotFoundError(f"{checkpoint}: directory has neither model.pt nor checkpoint.pt")
+    if path is not None and path.exists():
+        from locis_rl.pretrain.checkpointing import TRAIN_FORMAT, load_train_checkpoint
+
+        try:
+            head = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - let from_pretrained produce its own error message
+            head = None
+        if isinstance(head, dict) and head.get("format") == TRAIN_FORMAT:
+            ckpt = load_train_checkpoint(path)
+            from locis_rl.model import LociSConfig
+
+            model = LociS(LociSConfig.from_dict(ckpt["config"]["model"]))
+            model.load_state_dict(ckpt["model"])
+            return model.to(map_location)
+    return LociS.from_pretrained("default" if path is None else path, map_location=map_location)
+
+
+def _as_dataset(dataset_or_path: Any, image_size: int):
+    if isinstance(dataset_or_path, (str, os.PathLike)) or (
+            isinstance(dataset_or_path, (list, tuple)) and dataset_or_path
+            and isinstance(dataset_or_path[0], (str, os.PathLike))):
+        from locis_rl.data import VideoDataset, describe
+
+        paths = [dataset_or_path] if isinstance(dataset_or_path, (str, os.PathLike)) else list(dataset_or_path)
+        for p in paths:
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"data file {p!r} does not exist; create one with "
+                                        f"`python -m locis_rl.data.generate --env locis/MultiObject-v0 --out {p}`")
+        frames = min(int(describe(p)["frames"]) for p in paths)
+        return VideoDataset(paths, seq_len=frames, image_size=image_size)
+    return dataset_or_path
+
+
+def _batches(dataset: Any, batch_size: int, limit: int | None) -> Iterable[dict[str, torch.Tensor]]:
+    n = len(dataset)
+    if limit is not None:
+        n = min(n, int(limit))
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        yield {k: torch.stack([it[k] for it in items]) for k in items[0]
+               if torch.is_tensor(items[0][k]) and all(k in it for it in items)}
+
+
+def _nanmean(values: list[float]) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    ok = ~np.isnan(arr)
+    return float(arr[ok].mean()) if ok.any() else math.nan
+
+
+@torch.no_grad()
+def evaluate_model(model, dataset_or_path: Any, modes: Sequence[str] = ("rnd", "reg", "seg"), *,
+                   max_sequences: int | None = None, batch_size: int = 4, seed: int = 0,
+                   out_dir: str | os.PathLike | None = None, visualize: int = 1,
+                   device: str | torch.device | None = None, progress: bool = False) -> dict[str, Any]:
+    """Run ``model`` over each sequence for every mode and compute the metrics.
+
+    Args:
+        model: a :class:`~locis_rl.model.LociS` (put in eval mode here; its mode is restored).
+        dataset_or_path: an HDF5 path / list of paths (whole episodes are used) or a dataset of
+            dicts with ``rgb [T,3,H,W]`` (+ ``depth``, ``segmentation``) as :class:`VideoDataset`
+            yields.
+        modes: slot-assignment modes to evaluate.
+        max_sequences: evaluate at most this many sequences (None = all).
+        out_dir: where PNG / GIF visualisations go (None = none); ``visualize`` sequences per mode.
+
+    Returns:
+        ``{"modes": {mode: {metric: value, ..., "sequences": n, "seconds": s}}, "metrics":
+        [...], "num_sequences": n}`` with the metric keys of :data:`METRIC_KEYS` present (NaN for
+        metrics undefined on this data, e.g. segmentation metrics without masks).
+    """
+    from locis_rl import metrics as M
+    from locis_rl.model.depth_input import scene_relative_depth
+
+    for mode in modes:
+        if mode not in ("rnd", "reg", "seg"):
+            raise ValueError(f"unknown mode {mode!r}; expected rnd, reg or seg")
+    dataset = _as_dataset(dataset_or_path, model.config.image_size)
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    results: dict[str, Any] = {"modes": {}, "metrics": list(METRIC_KEYS)}
+    n_total = 0
+    try:
+        for mode in modes:
+            per: dict[str, list[float]] = {k: [] for k in METRIC_KEYS}
+            t_start = time.perf_counter()
+            n_seq = 0
+            vis_left = visualize if out_dir is not None else 0
+            for bi, batch in enumerate(_batches(dataset, batch_size, max_sequences)):
+                rgb = batch["rgb"].to(device)
+                b, T = rgb.shape[:2]
+                depth = batch.get("depth")
+                depth = depth.to(device) if depth is not None else None
+                seg = batch.get("segmentation")
+                state = model.init_state(b, device, seed=seed + 7919 * bi)
+                masks, recon, recon_d, frames_vis = [], [], [], [[] for _ in range(min(vis_left, b))]
+                for t in range(T):
+                    d_t = depth[:, t] if depth is not None else None
+                    out, state = model.step(rgb[:, t], d_t if model.config.use_depth else None, state, mode=mode)
+                    masks.append(labels_from_masks(out["masks"].float()).cpu())
+                    recon.append(out["rgb"].float().clamp(0, 1))
+                    recon_d.append(out["depth"].float())
+                    if frames_vis:
+                        from locis_rl.pretrain.visualize import frame_from_output
+
+                        disp = scene_relative_depth(d_t) if d_t is not None else None
+                        for r in range(len(frames_vis)):
+                            frames_vis[r].append(frame_from_output(out, r, rgb[:, t], disp))
+                labels = torch.stack(masks, dim=1)  # [B,T,H,W]
+                pred_rgb = torch.stack(recon, dim=1)
+                per["RGB-MSE"] += (pred_rgb - rgb).pow(2).flatten(1).mean(1).tolist()
+                per["RGB-SSIM"] += M.ssim(pred_rgb, rgb).tolist()
+                if depth is not None:
+                    true_d = scene_relative_depth(depth.flatten(0, 1)).view_as(depth)
+                    pred_d = torch.stack(recon_d, dim=1)
+                    per["Depth-MSE"] += (pred_d - true_d).pow(2).flatten(1).mean(1).tolist()
+                    per["Depth-SSIM"] += M.ssim(pred_d, true_d).tolist()
+                else:
+                    per["Depth-MSE"] += [math.nan] * b
+                    per["Depth-SSIM"] += [math.nan] * b
+                if seg is not None:
+                    true = seg.long()
+                    per["FG-ARI"] += M.fg_ari(labels, true).tolist()
+                    per["ARI-A"] += M.ari(labels, true).tolist()
+                    per["AMI-A"] += M.ami(labels, true).tolist()
+                    per["AMI-O"] += M.ami(labels, true, foreground_only=True).tolist()
+                    per["mIoU"] += M.miou(labels, true, per_frame=True).tolist()
+                    per["mIoU-seq"] += M.miou(labels, true).tolist()
+                    per["F1"] += M.f1(labels, true).tolist()
+                    per["OCA"] += M.oca(labels, true).tolist()
+                else:
+                    for k in SEGMENTATION_KEYS:
+                        per[k] += [math.nan] * b
+                for r, frames in enumerate(frames_vis):
+                    from locis_rl.pretrain.visualize import save_gif, save_png
+
+                    idx = sorted({0, len(frames) // 2, len(frames) - 1})
+                    seq_id = n_seq + r
+                    save_png(np.concatenate([frames[i] for i in idx], axis=0),
+                             Path(out_dir) / f"{mode}_seq{seq_id:03d}.png")
+                    save_gif(frames, Path(out_dir) / f"{mode}_seq{seq_id:03d}.gif")
+                vis_left -= len(frames_vis)
+                n_seq += b
+                if progress:
+                    print(f"[evaluate] {mode}: {n_seq} sequences", file=sys.stderr)
+            summary = {k: _nanmean(v) for k, v in per.items()}
+            summary["sequences"] = n_seq
+            summary["seconds"] = round(time.perf_counter() - t_start, 3)
+            results["modes"][mode] = summary
+            n_total = n_seq
+    finally:
+        model.train(was_training)
+    results["num_sequences"] = n_total
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Plain-text table: one row per mode, one column per metric."""
+    keys = [k for k in METRIC_KEYS if any(not math.isnan(r.get(k, math.nan)) for r in results["modes"].values())]
+    header = ["mode"] + keys
+    rows = [[mode] + [f"{r[k]:.4f}" if not math.isnan(r[k]) else "n/a" for k in keys]
+            for mode, r in results["modes"].items()]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+def write_json(results: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Atomic JSON write (NaN -> null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(results), f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m locis_rl.evaluate", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="default",
+                        help="model file, 'default', a run directory or a training checkpoint.pt")
+    parser.add_argument("--data", nargs="+", required=True, help="HDF5 file(s) from locis_rl.data.generate")
+    parser.add_argument("--mode", action="append", nargs="+", choices=["rnd", "reg", "seg"],
+                        help="slot-assignment mode(s); repeatable; default: rnd reg seg")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--out", help="directory for PNG / GIF visualisations")
+    parser.add_argument("--visualize", type=int, default=2, help="sequences visualised per mode (with --out)")
+    parser.add_argument("--max-sequences", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    modes = [m for group in (args.mode or [["rnd", "reg", "seg"]]) for m in group]
+    modes = list(dict.fromkeys(modes))
+    try:
+        for p in args.data:
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"data file {p!r} does not exist; create one with "
+                                        f"`python -m locis_rl.data.generate --env locis/MultiObject-v0 --out {p}`")
+        model = load_model(args.checkpoint, map_location=args.device)
+        results = evaluate_model(model, args.data, modes, max_sequences=args.max_sequences,
+                                 batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
+                                 visualize=args.visualize, progress=True)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results["checkpoint"] = str(args.checkpoint)
+    results["data"] = [str(p) for p in args.data]
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+    if args.out:
+        print(f"visualisations in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

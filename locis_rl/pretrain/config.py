@@ -1,0 +1,352 @@
+"""Typed training configuration (``TrainConfig``) and training presets (``configs/train/*.yaml``).
+
+Every default lives here, once; the defaults are the reference implementation's values
+(``shared/REFERENCE.md``: RAdam lr 1e-4, weight decay 1e-3, Lookahead alpha 0.5 / k 6, truncated
+BPTT window 2, sequence length 24). A preset YAML holds only overrides, and the model section
+starts from a model preset (``model_preset``, ``configs/model/<name>.yaml``) before the preset's
+and the command line's ``model.*`` overrides are applied. Warm-up iterations are *not* repeated
+here: the full stage uses ``model.assignment.warmup_train``.
+
+Command-line overrides are ``key=value`` with dotted keys, e.g.
+``model.num_slots=8 stages.full.steps=200 optim.lr=3e-4``; an unknown key raises
+:class:`~locis_rl.model.config.ConfigError` naming the valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from locis_rl.model.config import ConfigError, LociSConfig, apply_overrides, config_search_dirs
+
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "BackgroundStageConfig",
+    "ObjectsStageConfig",
+    "ProposalStageConfig",
+    "FullStageConfig",
+    "StagesConfig",
+    "EvalConfig",
+    "TrainConfig",
+    "load_train_config",
+    "parse_overrides",
+    "ConfigError",
+    "STAGES",
+]
+
+STAGES = ("background", "objects", "proposal", "full")
+"""The paper's training stages in the order ``--stage all`` runs them."""
+
+
+@dataclass
+class DataConfig:
+    """Where the videos come from. ``paths`` empty: generate (and cache) from ``env_id``."""
+
+    paths: tuple[str, ...] = ()
+    """HDF5 files written by ``python -m locis_rl.data.generate`` (``--data`` on the CLI)."""
+    env_id: str = "locis/MultiObject-v0"
+    """Env recorded when ``paths`` is empty."""
+    levels: tuple[str, ...] = ("a",)
+    """Difficulty levels of ``env_id`` to record (one cached file per level, mixed in training)."""
+    episodes: int = 48
+    """Episodes recorded per level."""
+    frames: int = 12
+    """Frames per recorded episode."""
+    seed: int = 0
+    """Seed of the recorded episodes (part of the cache key)."""
+    workers: int = 1
+    """Processes used by the generator."""
+    cache_dir: str = ""
+    """Cache of generated files; empty: ``$LOCIS_RL_CACHE/data`` or ``~/.cache/locis-rl/data``."""
+    eval_fraction: float = 0.1
+    """Fraction of each file's episodes held out for ``metrics.json`` (at least one episode)."""
+    preload: bool = True
+    """Keep decoded episodes in memory (uint8) after their first use."""
+
+
+@dataclass
+class OptimConfig:
+    """RAdam + Lookahead, as the reference implementation."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    lookahead_alpha: float = 0.5
+    """Lookahead interpolation factor (0 disables Lookahead)."""
+    lookahead_k: int = 6
+    """Fast steps between Lookahead synchronisations."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = no clipping)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up at the start of every stage."""
+    schedule: str = "constant"
+    """``constant`` or ``cosine`` (decays to 10% of ``lr`` over the stage)."""
+
+
+@dataclass
+class BackgroundStageConfig:
+    """Section 3.4: uncertainty U-Net (supervised by foreground masks), then the MAE extractor."""
+
+    uncertainty_steps: int = 2000
+    extractor_steps: int = 2000
+    batch_size: int = 16
+    foreground_pos_weight: float = 0.0
+    """Weight of foreground pixels in the uncertainty BCE; 0 = automatic (the batch's background /
+    foreground pixel ratio, clamped to [1, 100]: objects cover a few % of the image)."""
+    teacher_forcing: bool = False
+    """Mask the extractor with the target foreground instead of the trained uncertainty net."""
+    median_threshold: float = 0.1
+    """Foreground threshold of the temporal-median target (videos without segmentation)."""
+    lr_scale: float = 1.0
+    """Learning rate of this stage = ``optim.lr * lr_scale``."""
+
+
+@dataclass
+class ObjectsStageConfig:
+    """Section 3.5: single-object encoder/decoder pretraining with perturbed Gaussian positions."""
+
+    steps: int = 4000
+    batch_size: int = 16
+    position_noise: float = 0.5
+    """Std of the position perturbation, in units of the object's own size (kept inside the mask)."""
+    size_noise: float = 0.2
+    """Relative log-normal perturbation of the Gaussian's size."""
+    min_pixels: int = 4
+    """Objects with fewer visible pixels are not used as targets."""
+    balanced_mask_loss: bool = True
+    """Mask BCE as the mean of the object-pixel and the other-pixel averages (else all pixels
+    averaged, which a decoder minimises by predicting empty masks for small objects)."""
+    mask_weight: float = 1.0
+    rgb_weight: float = 1.0
+    depth_weight: float = 1.0
+    lr_scale: float = 1.0
+    """Learning rate of this stage = ``optim.lr * lr_scale``."""
+
+
+@dataclass
+class ProposalStageConfig:
+    """Section 3.6: YOLACT-like proposal network (skipped for videos without segmentation)."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    lr_scale: float = 1.0
+    """Learning rate of this stage = ``optim.lr * lr_scale``."""
+
+
+@dataclass
+class FullStageConfig:
+    """Section 4: full Loci-s video training with truncated BPTT."""
+
+    steps: int = 10000
+    """Training sequences; each gives ``ceil(seq_len / bptt)`` optimiser updates (one per window)."""
+    batch_size: int = 8
+    seq_len: int = 24
+    """Frames per training sequence (clipped to the episode length)."""
+    bptt: int = 2
+    """Truncated BPTT window: frames per backward pass."""
+    lr_scale: float = 1.0
+    """Learning rate of this stage = ``optim.lr * lr_scale``."""
+
+
+@dataclass
+class StagesConfig:
+    background: BackgroundStageConfig = field(default_factory=BackgroundStageConfig)
+    objects: ObjectsStageConfig = field(default_factory=ObjectsStageConfig)
+    proposal: ProposalStageConfig = field(default_factory=ProposalStageConfig)
+    full: FullStageConfig = field(default_factory=FullStageConfig)
+
+
+@dataclass
+class EvalConfig:
+    """``metrics.json`` at the end of a run (held-out split, :func:`locis_rl.evaluate.evaluate_model`)."""
+
+    modes: tuple[str, ...] = ("rnd", "reg", "seg")
+    max_sequences: int = 8
+    enabled: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything one ``python -m locis_rl.pretrain`` run needs (saved in every checkpoint)."""
+
+    preset: str = "custom"
+    """Name of the training preset (used in the default run directory)."""
+    seed: int = 0
+    model_preset: str = "tiny"
+    """Model preset the ``model`` section starts from."""
+    model: LociSConfig = field(default_factory=LociSConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"
+    """``auto`` (CUDA if available, with torchrun the local rank's GPU), ``cpu`` or ``cuda``."""
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    num_threads: int = 0
+    """``torch.set_num_threads`` per process (0 = leave torch's default)."""
+    checkpoint_every: int = 200
+    """Optimiser steps between checkpoints (also written at every stage end)."""
+    log_every: int = 10
+    """Steps between TensorBoard scalars."""
+    image_every: int = 500
+    """Steps between PNG slot decompositions in ``run_dir/images`` (0 = only at stage ends)."""
+    progress: bool = True
+    """tqdm progress bars (rank 0)."""
+    stop_after_steps: int = 0
+    """Exit (without a checkpoint) after this many optimiser steps of this invocation, as if the
+    process were killed; 0 = never. For tests and time-boxed jobs; ``--resume`` continues."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _plain(dataclasses.asdict(self))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Rebuild a saved config (model section complete, no preset lookup)."""
+        data = dict(data)
+        model = LociSConfig.from_dict(data.pop("model", {}) or {})
+        cfg = apply_overrides(cls(model=model), data)
+        return cfg.validate()
+
+    def validate(self) -> "TrainConfig":
+        self.model.validate()
+        for name in ("steps",):
+            for stage in ("objects", "proposal", "full"):
+                if getattr(getattr(self.stages, stage), name) < 0:
+                    raise ConfigError(f"stages.{stage}.{name} must be >= 0")
+        if self.stages.background.uncertainty_steps < 0 or self.stages.background.extractor_steps < 0:
+            raise ConfigError("stages.background.*_steps must be >= 0")
+        if self.stages.full.bptt < 1:
+            raise ConfigError(f"stages.full.bptt must be >= 1, actual value: {self.stages.full.bptt}")
+        if self.stages.full.seq_len < 2:
+            raise ConfigError(f"stages.full.seq_len must be >= 2, actual value: {self.stages.full.seq_len}")
+        if self.optim.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"optim.schedule: expected 'constant' or 'cosine', actual value: {self.optim.schedule!r}")
+        if not 0.0 <= self.optim.lookahead_alpha <= 1.0 or self.optim.lookahead_k < 1:
+            raise ConfigError("optim.lookahead_alpha must be in [0, 1] and optim.lookahead_k >= 1")
+        for mode in self.eval.modes:
+            if mode not in ("rnd", "reg", "seg"):
+                raise ConfigError(f"eval.modes: unknown mode {mode!r}; expected rnd, reg or seg")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device: expected auto, cpu or cuda[:N], actual value: {self.device!r}")
+        for k in ("checkpoint_every", "log_every", "image_every"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0")
+        return self
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def train_config_dirs() -> list[Path]:
+    return [root / "train" for root in config_search_dirs()]
+
+
+def _find_train_preset(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if path.exists():
+            return path
+        raise ConfigError(f"training config file {name!r} does not exist")
+    found: set[str] = set()
+    for d in train_config_dirs():
+        candidate = d / f"{name}.yaml"
+        if candidate.exists():
+            return candidate
+        found.update(p.stem for p in d.glob("*.yaml"))
+    raise ConfigError(f"unknown training preset {name!r}; available: {sorted(found)} (or pass a .yaml path)")
+
+
+def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}`` (values parsed as YAML scalars/lists)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. stages.full.steps=200)")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        out[key.strip()] = value if parsed is None else parsed
+    return out
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _coerce_strings(cfg_obj: Any, flat: dict[str, Any]) -> dict[str, Any]:
+    """YAML turns ``level=a`` into the string ``'a'`` and ``paths=x.h5`` into a string; lists
+    and strings are what the dataclasses expect, but a scalar for a tuple field is wrapped."""
+    out = {}
+    for key, value in flat.items():
+        obj = cfg_obj
+        parts = key.split(".")
+        for p in parts[:-1]:
+            obj = getattr(obj, p, None)
+        current = getattr(obj, parts[-1], None) if obj is not None else None
+        if isinstance(current, tuple) and not isinstance(value, (list, tuple)):
+            value = [value] if not (isinstance(value, str) and value.startswith("[")) else value
+        if isinstance(current, str) and not isinstance(value, str) and value is not None:
+            value = str(value)
+        if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, str):
+            # YAML 1.1 reads "1e-3" as a string; accept every float literal Python accepts
+            try:
+                number = float(value)
+                value = int(number) if isinstance(current, int) and number.is_integer() else number
+            except ValueError:
+                pass  # apply_overrides reports the bad value
+        out[key] = value
+    return out
+
+
+def load_train_config(preset: str = "quickstart", overrides: dict[str, Any] | Sequence[str] | None = None) -> TrainConfig:
+    """Load a training preset (name in ``configs/train/`` or a YAML path) and apply overrides.
+
+    Raises:
+        ConfigError: unknown preset, unknown key or badly typed value.
+    """
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(overrides)
+    path = _find_train_preset(preset)
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    flat = _flatten(data)
+    flat.update(overrides)
+    flat.setdefault("preset", Path(path).stem)
+    model_preset = str(flat.pop("model_preset", TrainConfig.model_preset))
+    base = TrainConfig(model=LociSConfig.preset(model_preset), model_preset=model_preset)
+    flat = _coerce_strings(base, flat)
+    cfg = apply_overrides(base, flat)
+    return cfg.validate()
+
+
+def apply_train_overrides(cfg: TrainConfig, overrides: dict[str, Any] | Sequence[str] | None) -> TrainConfig:
+    """Overrides on an existing config (e.g. a resumed run's saved config)."""
+    if not overrides:
+        return cfg
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(overrides)
+    if "model_preset" in overrides or any(k.startswith("model.") for k in overrides):
+        raise ConfigError("the model of a resumed run cannot be changed (model / model_preset overrides)")
+    return apply_overrides(cfg, _coerce_strings(cfg, dict(overrides))).validate()

@@ -1,0 +1,244 @@
+"""python -m locis_rl.pretrain: stages, outputs, resume, errors, no-mask data, torchrun/gloo."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from locis_rl.model.config import ConfigError
+from locis_rl.pretrain.config import load_train_config
+from locis_rl.pretrain.run import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# every stage 2 steps, batches of 2, 4-frame sequences, cheap evaluation
+TINY = {
+    "stages.background.uncertainty_steps": 2,
+    "stages.background.extractor_steps": 2,
+    "stages.background.batch_size": 2,
+    "stages.objects.steps": 2,
+    "stages.objects.batch_size": 2,
+    "stages.proposal.steps": 2,
+    "stages.proposal.batch_size": 2,
+    "stages.full.steps": 2,
+    "stages.full.batch_size": 2,
+    "stages.full.seq_len": 4,
+    "model.num_slots": 3,
+    "model.assignment.warmup_inference": 2,
+    "eval.max_sequences": 1,
+    "eval.modes": ["rnd", "seg"],
+    "image_every": 0,
+    "log_every": 1,
+    "progress": False,
+    "num_threads": 1,
+}
+
+
+def _cli_args(overrides: dict) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        if isinstance(v, (list, tuple)):
+            v = "[" + ",".join(str(x) for x in v) + "]"
+        out.append(f"{k}={v}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """2 episodes x 6 frames of locis/MultiObject-v0 written by the data CLI."""
+    out = tmp_path_factory.mktemp("data") / "tiny.h5"
+    from locis_rl.data.generate import main as generate_cli
+
+    assert generate_cli(["--env", "locis/MultiObject-v0",
+           "--episodes", "2", "--frames", "6", "--out", str(out), "--seed", "0", "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset_without_masks(dataset, tmp_path_factory) -> Path:
+    """The same videos with the segmentation removed (as recorded from an env without labels)."""
+    import h5py
+
+    out = tmp_path_factory.mktemp("data") / "nomask.h5"
+    shutil.copy(dataset, out)
+    with h5py.File(out, "r+") as f:
+        del f["segmentation"]
+        f.attrs["has_segmentation"] = False
+        f.attrs["segmentation_source"] = "none"
+    return out
+
+
+def _cfg(dataset: Path, **extra):
+    overrides = {**TINY, "data.paths": [str(dataset)], **extra}
+    return load_train_config("quickstart", overrides)
+
+
+@pytest.mark.parametrize("stage", ["background", "objects", "proposal", "full"])
+def test_each_stage_runs(stage, dataset, tmp_path):
+    one_step = {"stages.background.uncertainty_steps": 1, "stages.background.extractor_steps": 1,
+                "stages.objects.steps": 1, "stages.proposal.steps": 1, "stages.full.steps": 1}
+    cfg = _cfg(dataset, **{"eval.enabled": False, **one_step})
+    result = train(cfg, stage=stage, run_dir=tmp_path / "run", log=lambda m: None)
+    assert result.completed
+    expected = 2 if stage == "background" else 1
+    assert len(result.losses) == expected
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    assert (tmp_path / "run" / "model.pt").exists()
+
+
+def test_all_stages_write_every_output(dataset, tmp_path):
+    from locis_rl.model import LociS
+
+    run = tmp_path / "run"
+    cfg = _cfg(dataset)
+    result = train(cfg, stage="all", run_dir=run, log=lambda m: None)
+    assert result.completed and result.global_step == 10
+    for name in ("checkpoint.pt", "model.pt", "metrics.json", "config.json"):
+        assert (run / name).exists(), name
+    assert list((run / "images").glob("*.png")), "no slot-decomposition PNG"
+    assert list((run / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["modes"]) == {"rnd", "seg"}
+    for key in ("FG-ARI", "mIoU", "RGB-SSIM"):
+        assert key in metrics["modes"]["rnd"]
+    model = LociS.from_pretrained(run / "model.pt")
+    assert model.config.num_slots == cfg.model.num_slots
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["format"] == "locis-rl-train-checkpoint" and ckpt["format_version"] == 1
+    assert ckpt["phase_index"] == len(ckpt["phases"]) == 5
+    # evaluate accepts the run directory and the training checkpoint as well as model.pt
+    from locis_rl.evaluate import load_model
+
+    from_ckpt = load_model(run / "checkpoint.pt").state_dict()
+    for k, v in load_model(run).state_dict().items():
+        assert torch.equal(v, from_ckpt[k]), k
+
+
+def test_resume_matches_uninterrupted_run(dataset, tmp_path):
+    """Stop after 3 steps (checkpoint at 2), resume to 4: weights equal an uninterrupted 4-step run."""
+    extra = {"eval.enabled": False, "stages.objects.steps": 4, "checkpoint_every": 2,
+             "optim.lookahead_k": 2}
+    full = train(_cfg(dataset, **extra), stage="objects", run_dir=tmp_path / "a", log=lambda m: None)
+    stopped = train(_cfg(dataset, **extra, stop_after_steps=3), stage="objects", run_dir=tmp_path / "b",
+                    log=lambda m: None)
+    assert not stopped.completed and not (tmp_path / "b" / "model.pt").exists()
+    # same seed -> same losses
+    assert stopped.losses == pytest.approx(full.losses[:3], rel=1e-6, abs=1e-7)
+    resumed = train(None, resume=tmp_path / "b", log=lambda m: None)
+    assert resumed.completed
+    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5, abs=1e-6)
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_unknown_config_key_is_a_clear_error(dataset, capsys):
+    with pytest.raises(ConfigError, match="stepz"):
+        load_train_config("quickstart", ["stages.full.stepz=3"])
+    with pytest.raises(ConfigError, match="unknown training preset"):
+        load_train_config("no-such-preset")
+    from locis_rl.pretrain.__main__ import main
+
+    assert main(["--data", str(dataset), "--run-dir", "unused-run-dir", "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key" in err and "lrr" in err
+
+
+def test_missing_data_and_bad_resume_are_clear_errors(tmp_path, capsys):
+    from locis_rl.pretrain.__main__ import main
+
+    assert main(["--data", str(tmp_path / "missing.h5"), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.h5" in err and "does not exist" in err
+    assert not (tmp_path / "r").exists()  # a failed start leaves no run directory behind
+    assert main(["--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["--resume", str(tmp_path / "empty")]) == 2
+    assert "checkpoint.pt" in capsys.readouterr().err
+
+
+def test_videos_without_masks_train_and_skip_the_proposal_stage(dataset_without_masks, tmp_path):
+    messages: list[str] = []
+    run = tmp_path / "run"
+    result = train(_cfg(dataset_without_masks), stage="all", run_dir=run, log=messages.append)
+    assert result.completed
+    assert any("skipping the proposal stage" in m for m in messages)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert "proposal" not in ckpt["phases"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["modes"]) == {"rnd"}  # seg needs a trained proposal network
+    assert metrics["modes"]["rnd"]["FG-ARI"] is None  # no masks: no segmentation metrics
+    assert metrics["modes"]["rnd"]["RGB-MSE"] >= 0
+
+
+def test_connected_components_match_scipy():
+    from scipy import ndimage
+
+    from locis_rl.pretrain.data import connected_components
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(3, 20, 24, generator=g) > 0.55
+    labels = connected_components(masks)
+    for m, lab in zip(masks, labels):
+        ref, n = ndimage.label(m.numpy())
+        assert int(lab.max()) == n
+        # same partition: a bijection between the label sets
+        pairs = {(int(a), int(b)) for a, b in zip(lab.flatten(), torch.from_numpy(ref).flatten())}
+        assert len(pairs) == n + 1
+
+
+def test_lookahead_state_dict_round_trip():
+    from locis_rl.pretrain.config import OptimConfig
+    from locis_rl.pretrain.optim import build_optimizer
+
+    def run(steps, resume_at=None):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 3)
+        opt = build_optimizer(net.parameters(), OptimConfig(lookahead_k=3))
+        for i in range(steps):
+            if i == resume_at:
+                sd = {k: v.clone() for k, v in net.state_dict().items()}
+                osd = opt.state_dict()
+                net = torch.nn.Linear(4, 3)
+                net.load_state_dict(sd)
+                opt = build_optimizer(net.parameters(), OptimConfig(lookahead_k=3))
+                opt.load_state_dict(osd)
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(i))
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+        return net.weight.detach()
+
+    torch.testing.assert_close(run(8), run(8, resume_at=4))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(dataset, tmp_path):
+    run = tmp_path / "ddp"
+    # the full stage: DDP over several truncated-BPTT windows per sequence (the hardest case)
+    overrides = {**TINY, "stages.full.steps": 1, "stages.full.batch_size": 1, "stages.full.seq_len": 3,
+                 "model.assignment.warmup_train": 1, "eval.enabled": False}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "locis_rl.pretrain", "--stage", "full", "--data", str(dataset), "--run-dir", str(run),
+           *_cli_args(overrides)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for rank in (0, 1):
+        assert f"[pretrain rank {rank}/2] ran 1 steps" in out, out[-3000:]
+    assert out.count("finished:") == 1  # only rank 0 reports and writes
+    files = sorted(p.name for p in run.iterdir())
+    assert files.count("checkpoint.pt") == 1 and "model.pt" in files
+    assert not [f for f in files if f.endswith(".tmp")]
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["world_size"] == 2
