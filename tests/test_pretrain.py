@@ -93,6 +93,19 @@ def test_each_stage_runs(stage, dataset, tmp_path):
     assert (tmp_path / "run" / "model.pt").exists()
 
 
+def test_time_budget_ends_a_phase_early_and_completes(dataset, tmp_path):
+    # A budget of ~0 minutes: the phase stops before its first step, is checkpointed as done, and
+    # the run goes on to write its model.
+    cfg = _cfg(dataset, **{"eval.enabled": False, "stages.objects.steps": 50,
+                           "stages.objects.max_minutes": 1e-9})
+    messages: list[str] = []
+    result = train(cfg, stage="objects", run_dir=tmp_path / "run", log=messages.append)
+    assert result.completed
+    assert len(result.losses) == 0
+    assert any("time budget" in m for m in messages), messages
+    assert (tmp_path / "run" / "model.pt").exists()
+
+
 def test_all_stages_write_every_output(dataset, tmp_path):
     from locis_rl.model import LociS
 

@@ -87,7 +87,17 @@ class OptimConfig:
 
 
 @dataclass
-class BackgroundStageConfig:
+class StageBudget:
+    """Fields every stage shares."""
+
+    max_minutes: float = 0.0
+    """Wall-clock budget of each of this stage's phases in minutes (0: none). A phase that runs out
+    of time ends early, checkpointed, as if its steps were done: for runs that must fit a fixed
+    time slot (a lent GPU, a CI job)."""
+
+
+@dataclass
+class BackgroundStageConfig(StageBudget):
     """Section 3.4: uncertainty U-Net (supervised by foreground masks), then the MAE extractor."""
 
     uncertainty_steps: int = 2000
@@ -105,7 +115,7 @@ class BackgroundStageConfig:
 
 
 @dataclass
-class ObjectsStageConfig:
+class ObjectsStageConfig(StageBudget):
     """Section 3.5: single-object encoder/decoder pretraining with perturbed Gaussian positions."""
 
     steps: int = 4000
@@ -127,7 +137,7 @@ class ObjectsStageConfig:
 
 
 @dataclass
-class ProposalStageConfig:
+class ProposalStageConfig(StageBudget):
     """Section 3.6: YOLACT-like proposal network (skipped for videos without segmentation)."""
 
     steps: int = 2000
@@ -137,7 +147,7 @@ class ProposalStageConfig:
 
 
 @dataclass
-class FullStageConfig:
+class FullStageConfig(StageBudget):
     """Section 4: full Loci-s video training with truncated BPTT."""
 
     steps: int = 10000

@@ -23,8 +23,8 @@ from locis_rl.pretrain.checkpointing import (CHECKPOINT_NAME, ResumeError, load_
 from locis_rl.pretrain.config import TrainConfig, apply_train_overrides
 from locis_rl.pretrain.data import EpisodeStore, StepSampler, resolve_data_paths
 from locis_rl.pretrain.optim import build_optimizer, build_scheduler
-from locis_rl.pretrain.stages import (FullStage, build_stage, phase_batch_size, phase_lr_scale, phase_steps,
-                                      phases_for)
+from locis_rl.pretrain.stages import (FullStage, build_stage, phase_batch_size, phase_lr_scale, phase_max_seconds,
+                                      phase_steps, phases_for)
 
 __all__ = ["train", "TrainResult", "default_run_dir"]
 
@@ -242,7 +242,13 @@ class Trainer:
             bar = tqdm(total=total, initial=start, desc=phase, dynamic_ncols=True, file=sys.stderr)
         model.train()
         t_last, frames_since = time.perf_counter(), 0
+        max_seconds = phase_max_seconds(cfg, phase)
+        deadline = time.perf_counter() + max_seconds if max_seconds > 0 else None
         for step in range(start, total):
+            if deadline is not None and self._out_of_time(deadline):
+                self.log(f"phase {phase}: time budget of {max_seconds / 60:g} min used up after "
+                         f"{step - start} steps; ending the phase here")
+                break
             seed = _step_seed(cfg.seed, pi, step, d.rank)
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
@@ -299,6 +305,13 @@ class Trainer:
         del module, optimizer, scheduler
         gc.collect()  # drop this phase's DDP reducer (and its autograd hooks) before the next one
         return True, global_step
+
+    def _out_of_time(self, deadline: float) -> bool:
+        """Whether the phase's wall-clock budget is spent; all ranks agree (rank 0's clock wins)."""
+        over = torch.tensor([float(time.perf_counter() > deadline)], device=self.dist.device)
+        if self.dist.enabled:
+            dist.broadcast(over, src=0)
+        return bool(over.item())
 
     def _clip(self, params) -> None:
         if self.cfg.optim.grad_clip > 0:

@@ -57,6 +57,11 @@ def phase_steps(cfg: TrainConfig, phase: str) -> int:
     }[phase]
 
 
+def phase_max_seconds(cfg: TrainConfig, phase: str) -> float:
+    """Wall-clock budget of a phase in seconds (0: none), from its stage's ``max_minutes``."""
+    return 60.0 * getattr(cfg.stages, phase.split("/")[0]).max_minutes
+
+
 def phase_lr_scale(cfg: TrainConfig, phase: str) -> float:
     return getattr(cfg.stages, phase.split("/")[0]).lr_scale
 

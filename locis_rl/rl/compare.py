@@ -1,0 +1,501 @@
+"""Slots vs pixels vs ground-truth state: PPO on ``locis/PushObjects-v0`` with equal budgets.
+
+Three inputs, one set of PPO hyper-parameters (:class:`PPOConfig`) and one env-step budget:
+
+    slots   frozen Loci-s slot features (``LociSVecEnvWrapper``, batched on the env side) read by
+            ``SlotSetExtractor`` (``MultiInputPolicy``)
+    pixels  the RGB image (64x64x3 uint8, ``VecTransposeImage``) read by SB3's ``CnnPolicy``
+    state   the ground-truth state vector (``obs_mode="state"``), the oracle, with ``MlpPolicy``
+
+For every (input, seed) the deterministic policy's success rate is measured every ``--eval-every``
+env steps on held-out env seeds (learning curves); after training each policy is evaluated, without
+retraining, on scenes with more distractors (``--eval-distractors``).
+
+Usage:
+    python -m locis_rl.rl.compare --inputs slots pixels state --seeds 0 1 2 --timesteps 250000 \\
+        --num-envs 8 --checkpoint default --out runs/rl_compare --eval-distractors 3 6 10
+    python -m locis_rl.rl.compare --timesteps 256 --seeds 0 --num-envs 2 --checkpoint tiny \\
+        --eval-episodes 2 --out /tmp/rl_compare            # smoke test (random-weight Loci-s)
+
+Outputs in ``--out``:
+    results.json              settings, one entry per run (curve, final success, distractors), summary
+    results.md                final success at equal steps, steps to reach the oracle, distractors
+    learning_curves.png       success rate vs env steps, mean +- std over seeds, one line per input
+    distractors.png           success rate vs number of distractors
+    models/<input>_seed<k>.zip, tb/ (TensorBoard)
+
+Resuming: runs already completed in ``results.json`` are skipped (their saved models are only
+re-evaluated for distractor counts not measured yet); settings that change training must match.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import envs  # noqa: F401  (first: registers locis/... and picks headless MuJoCo GL)
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecTransposeImage
+from tqdm import tqdm
+
+from locis_rl.rl.perception import load_model
+from locis_rl.rl.sb3 import LociSVecEnvWrapper, SlotSetExtractor
+
+__all__ = ["PPOConfig", "INPUTS", "make_venv", "evaluate_success", "summarise", "main"]
+
+ENV_ID = "locis/PushObjects-v0"
+INPUTS = ("slots", "pixels", "state")
+POLICIES = {"slots": "MultiInputPolicy", "pixels": "CnnPolicy", "state": "MlpPolicy"}
+EVAL_SEED = 1_000_000
+"""Base seed of the held-out evaluation episodes (training envs use the run's seed)."""
+ORACLE = "state"
+RESULTS_VERSION = 1
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters shared by every input (SB3 names)."""
+
+    n_steps: int = 512
+    """env steps per env per rollout (8 envs: 4096 steps per update)"""
+    batch_size: int = 256
+    n_epochs: int = 10
+    learning_rate: float = 3e-4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    features_dim: int = 128
+    """output size of the features extractor (slots: SlotSetExtractor; pixels: NatureCNN)"""
+
+    def sb3_kwargs(self, timesteps: int, num_envs: int) -> dict[str, Any]:
+        """Arguments of ``PPO``; a rollout never holds more steps than the whole budget."""
+        n_steps = max(2, min(self.n_steps, timesteps // num_envs))
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "features_dim"}
+        kwargs.update(n_steps=n_steps, batch_size=min(self.batch_size, n_steps * num_envs))
+        return kwargs
+
+    @classmethod
+    def from_overrides(cls, items: list[str]) -> "PPOConfig":
+        """``["n_steps=256", "learning_rate=1e-4"]`` -> a config with those fields changed."""
+        config, fields = cls(), {f.name: f for f in dataclasses.fields(cls)}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or key not in fields:
+                raise ValueError(f"--ppo: expected KEY=VALUE with KEY in {sorted(fields)}, actual value: {item!r}")
+            setattr(config, key, type(getattr(config, key))(value))
+        return config
+
+
+# ---- environments ------------------------------------------------------------------------------
+
+class RGBObservation(gym.ObservationWrapper):
+    """Keep only the ``rgb`` image (``uint8 (H, W, 3)``) of PushObjects' pixel observation."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.observation_space = env.observation_space["rgb"]
+
+    def observation(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        return observation["rgb"]
+
+
+def load_locis(checkpoint: str, warmup: int = 0) -> torch.nn.Module:
+    """The frozen Loci-s model: ``"tiny"`` (random weights, seed 0), ``"default"`` or a path.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist (the message says how to get one).
+    """
+    if checkpoint == "tiny":
+        from locis_rl.model.locis import LociS
+
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = LociS("tiny")
+    else:
+        model = load_model(checkpoint)
+    if warmup > 0:
+        model.config.assignment.warmup_inference = warmup
+    return model.eval().requires_grad_(False)
+
+
+def make_venv(input_name: str, num_envs: int, seed: int, *, num_distractors: int = 3,
+              max_steps: int = 100, locis: torch.nn.Module | None = None, device: str = "auto",
+              subproc: bool = False) -> VecEnv:
+    """``num_envs`` PushObjects envs observed through ``input_name`` (``slots``, ``pixels``, ``state``)."""
+    if input_name not in INPUTS:
+        raise ValueError(f"input: expected one of {INPUTS}, actual value: {input_name!r}")
+    env_kwargs = dict(num_distractors=num_distractors, max_steps=max_steps,
+                      obs_mode="state" if input_name == "state" else "pixels")
+    venv = make_vec_env(ENV_ID, n_envs=num_envs, seed=seed, env_kwargs=env_kwargs,
+                        wrapper_class=RGBObservation if input_name == "pixels" else None,
+                        vec_env_cls=SubprocVecEnv if subproc else DummyVecEnv)
+    if input_name == "slots":
+        if locis is None:
+            raise ValueError("input 'slots' needs the Loci-s model: pass locis=load_locis(...)")
+        return LociSVecEnvWrapper(venv, model=locis, device=device, seed=seed)
+    if input_name == "pixels":
+        return VecTransposeImage(venv)  # HWC -> CHW, as SB3 would do for the CnnPolicy
+    return venv
+
+
+def policy_kwargs(input_name: str, ppo: PPOConfig) -> dict[str, Any]:
+    if input_name == "slots":
+        return dict(features_extractor_class=SlotSetExtractor,
+                    features_extractor_kwargs=dict(features_dim=ppo.features_dim))
+    if input_name == "pixels":
+        return dict(features_extractor_kwargs=dict(features_dim=ppo.features_dim))
+    return {}
+
+
+def evaluate_success(agent: PPO, venv: VecEnv, episodes: int, seed: int = EVAL_SEED) -> float:
+    """Success rate (``info["is_success"]`` at episode end) of the deterministic policy.
+
+    ``venv`` is re-seeded with ``seed`` first, so every call sees the same held-out episodes.
+    """
+    n = venv.num_envs
+    wanted = np.array([(episodes + i) // n for i in range(n)])  # episodes per env, summing to `episodes`
+    finished = np.zeros(n, dtype=int)
+    successes: list[float] = []
+    venv.seed(seed)
+    obs = venv.reset()
+    while (finished < wanted).any():
+        actions, _ = agent.predict(obs, deterministic=True)
+        obs, _, dones, infos = venv.step(actions)
+        for i in np.flatnonzero(dones):
+            if finished[i] < wanted[i]:
+                successes.append(float(infos[i]["is_success"]))
+                finished[i] += 1
+    return float(np.mean(successes))
+
+
+class SuccessCurveCallback(BaseCallback):
+    """Success rate at step 0, every ``every`` env steps and of the final policy; a tqdm bar."""
+
+    def __init__(self, eval_env: VecEnv, every: int, episodes: int, total: int, desc: str):
+        super().__init__()
+        self.eval_env, self.every, self.episodes = eval_env, every, episodes
+        self.steps: list[int] = []
+        self.success: list[float] = []
+        self.next_eval = 0
+        self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, mininterval=2.0)
+
+    def evaluate(self) -> None:
+        rate = evaluate_success(self.model, self.eval_env, self.episodes)
+        if self.steps and self.steps[-1] == self.num_timesteps:  # the final policy replaces a point
+            self.steps.pop(), self.success.pop()                # taken before the last update
+        self.steps.append(int(self.num_timesteps))
+        self.success.append(rate)
+        self.logger.record("eval/success_rate", rate)
+        self.bar.set_postfix(success=f"{rate:.2f}")
+        while self.next_eval <= self.num_timesteps:
+            self.next_eval += self.every
+
+    def _on_training_start(self) -> None:
+        self.evaluate()
+
+    def _on_step(self) -> bool:
+        self.bar.update(self.training_env.num_envs)
+        if self.num_timesteps >= self.next_eval:
+            self.evaluate()
+        return True
+
+    def _on_training_end(self) -> None:
+        self.evaluate()  # the trained policy, after the last update (the saved model)
+        self.bar.close()
+
+
+# ---- runs ----------------------------------------------------------------------------------------
+
+def run_key(input_name: str, seed: int) -> str:
+    return f"{input_name}_seed{seed}"
+
+
+def train_run(input_name: str, seed: int, args: argparse.Namespace, ppo: PPOConfig,
+              locis: torch.nn.Module | None) -> dict[str, Any]:
+    """Train one (input, seed) and return its entry for ``results.json`` (distractors filled later)."""
+    key = run_key(input_name, seed)
+    common = dict(num_distractors=args.train_distractors, max_steps=args.max_episode_steps, locis=locis,
+                  device=args.device, subproc=args.vec_env == "subproc")
+    train_env = make_venv(input_name, args.num_envs, seed, **common)
+    eval_env = make_venv(input_name, min(args.num_envs, args.eval_episodes), EVAL_SEED, **common)
+    torch.manual_seed(seed)
+    agent = PPO(POLICIES[input_name], train_env, policy_kwargs=policy_kwargs(input_name, ppo),
+                tensorboard_log=os.path.join(args.out, "tb"), seed=seed, device=args.device,
+                verbose=args.verbose, **ppo.sb3_kwargs(args.timesteps, args.num_envs))
+    callback = SuccessCurveCallback(eval_env, args.eval_every, args.eval_episodes, args.timesteps, key)
+    start = time.time()
+    agent.learn(total_timesteps=args.timesteps, callback=callback, tb_log_name=key)
+    seconds = time.time() - start
+    model_path = os.path.join(args.out, "models", f"{key}.zip")
+    agent.save(model_path)
+    train_env.close()
+    eval_env.close()
+    return {"input": input_name, "seed": seed, "steps": callback.steps, "success": callback.success,
+            "final_success": callback.success[-1], "num_timesteps": int(agent.num_timesteps),
+            "train_seconds": seconds, "steps_per_second": agent.num_timesteps / seconds,
+            "model": os.path.relpath(model_path, args.out), "distractors": {}}
+
+
+def evaluate_distractors(run: dict[str, Any], counts: list[int], args: argparse.Namespace,
+                         locis: torch.nn.Module | None) -> None:
+    """Fill ``run["distractors"][str(n)]`` for the counts not measured yet (saved model, no retraining)."""
+    missing = [n for n in counts if str(n) not in run["distractors"]]
+    if not missing:
+        return
+    agent = PPO.load(os.path.join(args.out, run["model"]), device=args.device)
+    for n in missing:
+        venv = make_venv(run["input"], min(args.num_envs, args.eval_episodes), EVAL_SEED, num_distractors=n,
+                         max_steps=args.max_episode_steps, locis=locis, device=args.device,
+                         subproc=args.vec_env == "subproc")
+        run["distractors"][str(n)] = evaluate_success(agent, venv, args.eval_episodes)
+        venv.close()
+
+
+# ---- summary, plots, table -------------------------------------------------------------------------
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std over seeds per input: curve, final success, distractors, steps to the oracle."""
+    summary: dict[str, Any] = {}
+    for input_name in INPUTS:
+        group = [r for r in runs.values() if r["input"] == input_name]
+        if not group:
+            continue
+        length = min(len(r["success"]) for r in group)  # seeds share the evaluation schedule
+        curve = np.array([r["success"][:length] for r in group])
+        final = _mean_std([r["final_success"] for r in group])
+        counts = sorted({int(n) for r in group for n in r["distractors"]})
+        distractors = {str(n): _mean_std([r["distractors"][str(n)] for r in group if str(n) in r["distractors"]])
+                       for n in counts}
+        summary[input_name] = {
+            "seeds": sorted(r["seed"] for r in group),
+            "steps": group[0]["steps"][:length],
+            "success_mean": curve.mean(0).tolist(), "success_std": curve.std(0).tolist(),
+            "final_mean": final[0], "final_std": final[1],
+            "distractors": {n: {"mean": m, "std": s} for n, (m, s) in distractors.items()},
+        }
+    oracle = summary.get(ORACLE, {}).get("final_mean")
+    for entry in summary.values():
+        reached = None
+        if oracle is not None:
+            reached = next((s for s, m in zip(entry["steps"], entry["success_mean"]) if m >= oracle - 1e-9), None)
+        entry["steps_to_oracle"] = reached
+    if oracle is not None:
+        summary["oracle_final"] = oracle
+    return summary
+
+
+def plot_learning_curves(summary: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for input_name in INPUTS:
+        if input_name not in summary:
+            continue
+        entry = summary[input_name]
+        steps, mean, std = np.array(entry["steps"]), np.array(entry["success_mean"]), np.array(entry["success_std"])
+        ax.plot(steps, mean, marker="o", markersize=3, label=f"{input_name} (n={len(entry['seeds'])})")
+        ax.fill_between(steps, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), alpha=0.2)
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("success rate (held-out episodes)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("PPO on PushObjects: slots vs pixels vs state")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_distractors(summary: dict[str, Any], train_distractors: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ticks = {train_distractors}
+    for input_name in INPUTS:
+        if input_name not in summary or not summary[input_name]["distractors"]:
+            continue
+        items = sorted(summary[input_name]["distractors"].items(), key=lambda kv: int(kv[0]))
+        x = [int(n) for n, _ in items]
+        ticks.update(x)
+        ax.errorbar(x, [v["mean"] for _, v in items], yerr=[v["std"] for _, v in items], marker="o",
+                    capsize=3, label=input_name)
+    ax.axvline(train_distractors, color="grey", linestyle=":", label="trained with")
+    ax.set_xticks(sorted(ticks))
+    ax.set_xlabel("number of distractors (evaluation)")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Generalisation to more distractors (no retraining)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(summary: dict[str, Any], settings: dict[str, Any]) -> str:
+    inputs = [i for i in INPUTS if i in summary]
+    oracle = summary.get("oracle_final")
+    lines = [f"# PPO on {ENV_ID}: slots vs pixels vs state", "",
+             f"Budget {settings['timesteps']} env steps per run, {settings['num_envs']} envs, "
+             f"trained with {settings['train_distractors']} distractors, Loci-s checkpoint "
+             f"`{settings['checkpoint']}`; success rate of the deterministic policy over "
+             f"{settings['eval_episodes']} held-out episodes; mean +- std over seeds.", "",
+             "| input | seeds | final success | steps to oracle final success |", "|---|---|---|---|"]
+    for i in inputs:
+        e = summary[i]
+        reach = "n/a (no state runs)" if oracle is None else (
+            f"{e['steps_to_oracle']}" if e["steps_to_oracle"] is not None else "not reached")
+        lines.append(f"| {i} | {len(e['seeds'])} | {e['final_mean']:.3f} +- {e['final_std']:.3f} | {reach} |")
+    if oracle is not None:
+        lines += ["", f"Oracle (state) final success: {oracle:.3f}."]
+    counts = sorted({int(n) for i in inputs for n in summary[i]["distractors"]})
+    if counts:
+        lines += ["", "Success vs number of distractors (policies not retrained):", "",
+                  "| input | " + " | ".join(f"{n} distractors" for n in counts) + " |",
+                  "|---|" + "---|" * len(counts)]
+        for i in inputs:
+            d = summary[i]["distractors"]
+            cells = [f"{d[str(n)]['mean']:.3f} +- {d[str(n)]['std']:.3f}" if str(n) in d else "-" for n in counts]
+            lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- results file ----------------------------------------------------------------------------------
+
+TRAINING_SETTINGS = ("timesteps", "num_envs", "checkpoint", "train_distractors", "max_episode_steps",
+                     "eval_every", "eval_episodes", "warmup", "ppo")
+"""Settings that change a run's result: a resumed ``results.json`` must have the same ones."""
+
+
+def load_results(path: str, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    if overwrite or not os.path.exists(path):
+        return {"version": RESULTS_VERSION, "settings": settings, "runs": {}}
+    with open(path) as f:
+        results = json.load(f)
+    old = results.get("settings", {})
+    diffs = [f"{k}: {old.get(k)!r} in the file, {settings[k]!r} now" for k in TRAINING_SETTINGS
+             if old.get(k) != settings[k]]
+    if diffs:
+        raise SystemExit(f"error: {path} was written with other settings ({'; '.join(diffs)}); use another "
+                         "--out, the same settings, or --overwrite to start again")
+    return results
+
+
+def save_json(results: dict[str, Any], path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m locis_rl.rl.compare", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=INPUTS, help="observation types")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--timesteps", type=int, default=250_000, help="env steps per run (every input)")
+    p.add_argument("--num-envs", type=int, default=8, help="parallel training envs")
+    p.add_argument("--checkpoint", default="default",
+                   help="Loci-s weights: a checkpoint path, 'default' or 'tiny' (random weights, smoke tests)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="slot warm-up iterations on the first frame (0: the checkpoint's own)")
+    p.add_argument("--device", default="auto", help="device of Loci-s and of the policies: auto, cpu, cuda")
+    p.add_argument("--out", default="runs/rl_compare", help="output folder")
+    p.add_argument("--train-distractors", type=int, default=3)
+    p.add_argument("--eval-distractors", nargs="+", type=int, default=[3, 6, 10],
+                   help="distractor counts of the final evaluation")
+    p.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations "
+                   "(default: timesteps / 10)")
+    p.add_argument("--eval-episodes", type=int, default=20, help="held-out episodes per evaluation")
+    p.add_argument("--max-episode-steps", type=int, default=100, help="episode length before truncation")
+    p.add_argument("--vec-env", default="dummy", choices=["dummy", "subproc"], help="SB3 VecEnv class")
+    p.add_argument("--ppo", nargs="*", default=[], metavar="KEY=VALUE",
+                   help=f"override PPO settings, e.g. n_steps=256 (fields: "
+                        f"{', '.join(f.name for f in dataclasses.fields(PPOConfig))})")
+    p.add_argument("--verbose", type=int, default=0, help="SB3 verbosity (1: rollout/train tables)")
+    p.add_argument("--overwrite", action="store_true", help="ignore an existing results.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("timesteps", "num_envs", "eval_episodes"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')}: expected a positive int, actual value: "
+                             f"{getattr(args, name)}")
+    args.eval_every = args.eval_every or max(1, args.timesteps // 10)
+    try:
+        ppo = PPOConfig.from_overrides(args.ppo)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    os.makedirs(os.path.join(args.out, "models"), exist_ok=True)
+    settings = {"env": ENV_ID, "timesteps": args.timesteps, "num_envs": args.num_envs,
+                "checkpoint": args.checkpoint, "train_distractors": args.train_distractors,
+                "max_episode_steps": args.max_episode_steps, "eval_every": args.eval_every,
+                "eval_episodes": args.eval_episodes, "warmup": args.warmup,
+                "ppo": dataclasses.asdict(ppo), "eval_seed": EVAL_SEED}
+    results_path = os.path.join(args.out, "results.json")
+    results = load_results(results_path, settings, args.overwrite)
+    runs = results["runs"]
+
+    todo = [(i, s) for i in args.inputs for s in args.seeds]
+    pending = [(i, s) for i, s in todo if run_key(i, s) not in runs]
+    needs_locis = any(i == "slots" and (run_key(i, s) not in runs or any(
+        str(n) not in runs[run_key(i, s)]["distractors"] for n in args.eval_distractors)) for i, s in todo)
+    try:
+        locis = load_locis(args.checkpoint, args.warmup) if needs_locis else None
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    skipped = len(todo) - len(pending)
+    print(f"{len(todo)} runs: {skipped} already in {results_path} (skipped), {len(pending)} to train", flush=True)
+
+    for input_name, seed in tqdm(todo, desc="runs", unit="run", dynamic_ncols=True):
+        key = run_key(input_name, seed)
+        if key not in runs:
+            runs[key] = train_run(input_name, seed, args, ppo, locis)
+            tqdm.write(f"{key}: final success {runs[key]['final_success']:.3f} after "
+                       f"{runs[key]['num_timesteps']} steps ({runs[key]['steps_per_second']:.0f} steps/s)")
+            save_json(results, results_path)
+        evaluate_distractors(runs[key], args.eval_distractors, args, locis)
+        save_json(results, results_path)
+
+    selected = {run_key(i, s): runs[run_key(i, s)] for i, s in todo}
+    summary = summarise(selected)
+    results["summary"] = summary
+    save_json(results, results_path)
+    plot_learning_curves(summary, os.path.join(args.out, "learning_curves.png"))
+    plot_distractors(summary, args.train_distractors, os.path.join(args.out, "distractors.png"))
+    table = markdown_table(summary, settings)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

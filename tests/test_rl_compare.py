@@ -1,0 +1,109 @@
+"""The RL comparison runner (``python -m locis_rl.rl.compare``) and ``python -m locis_rl.bench wrapper``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from locis_rl.rl.compare import PPOConfig, main, markdown_table, summarise
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 300
+SMOKE = ["--timesteps", "128", "--seeds", "0", "--num-envs", "2", "--checkpoint", "tiny", "--eval-episodes", "2",
+         "--eval-every", "64", "--warmup", "2", "--max-episode-steps", "20", "--eval-distractors", "3"]
+RUN_KEYS = {"input", "seed", "steps", "success", "final_success", "num_timesteps", "train_seconds",
+            "steps_per_second", "model", "distractors"}
+
+
+def run_module(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+
+
+def check(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"{proc.args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_compare_smoke_outputs_and_resume(tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    check(run_module(["locis_rl.rl.compare", *SMOKE, "--out", str(out_dir)]))
+    results = json.loads((out_dir / "results.json").read_text())
+    assert set(results) >= {"version", "settings", "runs", "summary"}
+    assert set(results["runs"]) == {"slots_seed0", "pixels_seed0", "state_seed0"}
+    for run in results["runs"].values():
+        assert set(run) >= RUN_KEYS
+        assert run["steps"][0] == 0 and run["steps"][-1] == run["num_timesteps"] == 128
+        assert len(run["success"]) == len(run["steps"]) and 0.0 <= run["final_success"] <= 1.0
+        assert set(run["distractors"]) == {"3"}
+        assert (out_dir / run["model"]).is_file()
+    assert set(results["summary"]) >= {"slots", "pixels", "state", "oracle_final"}
+    for name in ("learning_curves.png", "distractors.png", "results.md"):
+        assert (out_dir / name).stat().st_size > 0
+    assert any((out_dir / "tb").rglob("events.out.tfevents.*"))
+
+    # Resume (in process): nothing is retrained; a new distractor count only re-evaluates the
+    # saved state policy.
+    before = {k: (out_dir / r["model"]).stat().st_mtime_ns for k, r in results["runs"].items()}
+    smoke = SMOKE[:-1] + ["3", "5"]
+    assert main([*smoke, "--inputs", "state", "--out", str(out_dir)]) == 0
+    assert "1 already in" in capsys.readouterr().out
+    again = json.loads((out_dir / "results.json").read_text())
+    assert again["runs"]["state_seed0"]["steps"] == results["runs"]["state_seed0"]["steps"]
+    assert set(again["runs"]["state_seed0"]["distractors"]) == {"3", "5"}
+    assert {k: (out_dir / r["model"]).stat().st_mtime_ns for k, r in again["runs"].items()} == before
+
+    # Settings that change training must match the file.
+    with pytest.raises(SystemExit, match="other settings"):
+        main([*SMOKE[2:], "--timesteps", "64", "--inputs", "state", "--out", str(out_dir)])
+
+
+def test_compare_missing_checkpoint_gives_the_library_error(tmp_path):
+    with pytest.raises(SystemExit, match="no Loci-s checkpoint"):
+        main(["--inputs", "slots", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
+
+
+def test_ppo_config_clips_rollout_to_budget_and_parses_overrides():
+    kwargs = PPOConfig().sb3_kwargs(timesteps=256, num_envs=2)
+    assert kwargs["n_steps"] == 128 and kwargs["batch_size"] == 256 and kwargs["gamma"] == 0.99
+    assert PPOConfig.from_overrides(["n_steps=64", "learning_rate=1e-4"]).learning_rate == 1e-4
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        PPOConfig.from_overrides(["nsteps=64"])
+
+
+def test_summary_steps_to_oracle_and_table():
+    def run(name, seed, success, distractors):
+        return {"input": name, "seed": seed, "steps": [0, 10, 20], "success": success,
+                "final_success": success[-1], "distractors": distractors}
+
+    runs = {"state_seed0": run("state", 0, [0.0, 0.8, 0.9], {"3": 0.9, "6": 0.8}),
+            "state_seed1": run("state", 1, [0.0, 0.9, 0.9], {"3": 0.9, "6": 0.7}),
+            "slots_seed0": run("slots", 0, [0.0, 0.5, 0.95], {"3": 0.9}),
+            "pixels_seed0": run("pixels", 0, [0.0, 0.1, 0.2], {"3": 0.2})}
+    summary = summarise(runs)
+    assert summary["oracle_final"] == pytest.approx(0.9)
+    assert summary["state"]["steps_to_oracle"] == 20
+    assert summary["slots"]["steps_to_oracle"] == 20
+    assert summary["pixels"]["steps_to_oracle"] is None
+    assert summary["state"]["success_mean"] == pytest.approx([0.0, 0.85, 0.9])
+    assert summary["state"]["distractors"]["6"]["mean"] == pytest.approx(0.75)
+    table = markdown_table(summary, {"timesteps": 20, "num_envs": 2, "train_distractors": 3,
+                                     "checkpoint": "tiny", "eval_episodes": 2})
+    assert "| pixels | 1 | 0.200 +- 0.000 | not reached |" in table
+    assert "| slots | 0.900 +- 0.000 | - |" in table
+
+
+def test_bench_wrapper_smoke(tmp_path):
+    path = tmp_path / "bench.json"
+    out = check(run_module(["locis_rl.bench", "wrapper", "--checkpoint", "tiny", "--steps", "5", "--warmup", "2",
+                            "--num-envs", "1", "2", "--json", str(path), "--quiet"]))
+    assert "overhead ms/step" in out
+    rows = json.loads(path.read_text())
+    assert [(r["num_envs"], r["vector"]) for r in rows] == [(1, "none"), (2, "sync")]
+    assert all(r["raw_steps_per_s"] > 0 and r["wrapped_steps_per_s"] > 0 for r in rows)
