@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,8 @@ from torch import nn
 
 from locis_rl.model.background import BackgroundModule
 from locis_rl.model.blocks import gaussian_heatmap
+from locis_rl.model.checkpoint_io import (CHECKPOINT_FORMAT, FORMAT_VERSION, CheckpointError,
+                                          load_model_checkpoint, save_model_checkpoint)
 from locis_rl.model.config import AssignmentConfig, LociSConfig
 from locis_rl.model.decoder import CascadedDecoder
 from locis_rl.model.depth_input import scene_relative_depth
@@ -55,9 +56,6 @@ from locis_rl.model.transition import SlotTransition
 __all__ = ["LociS", "CheckpointError", "FORMAT_VERSION", "CHECKPOINT_FORMAT", "DEFAULT_CHECKPOINT",
            "MODES", "row_uniform"]
 
-FORMAT_VERSION = 1
-"""Version of the checkpoint layout written by :meth:`LociS.save_pretrained`."""
-CHECKPOINT_FORMAT = "locis-rl-checkpoint"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default.pt"
 """Where ``LociS.from_pretrained("default")`` looks (inside the installed package)."""
 MODES = ("rnd", "reg", "seg")
@@ -76,10 +74,6 @@ _STREAM_NEW_OBJECT = 3
 _STREAM_RESEED = 4
 
 _MASK32 = 0xFFFFFFFF
-
-
-class CheckpointError(ValueError):
-    """A file that is not a compatible Loci-s checkpoint (foreign file, version, keys, shapes)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,15 +187,6 @@ def _rows_where(mask: torch.Tensor, a: TensorDict, b: TensorDict) -> TensorDict:
     def pick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x, y)
     return a.apply(pick, b)
-
-
-def _flatten_dict(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten_dict(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -746,29 +731,11 @@ class LociS(nn.Module):
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write a checkpoint atomically (temporary file + ``os.replace``). Returns the path."""
-        from locis_rl import __version__
+        """Write a checkpoint atomically (temporary file + ``os.replace``). Returns the path.
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": "LociS",
-            "config": self.config.to_dict(),
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-            "locis_rl_version": __version__,
-        }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        Layout: see :mod:`locis_rl.model.checkpoint_io` (``"model": "LociS"``).
+        """
+        return save_model_checkpoint(self, "LociS", path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike = "default", map_location: Any = "cpu", *,
@@ -791,53 +758,11 @@ class LociS(nn.Module):
             raise FileNotFoundError(
                 f"no Loci-s checkpoint at {path}; train one with `python -m locis_rl.pretrain` "
                 f"(or pass the path of a checkpoint written by LociS.save_pretrained)")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - anything torch.load refuses is a foreign file
-            raise CheckpointError(f"{path}: not a locis-rl checkpoint (torch.load failed: "
-                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise CheckpointError(f"{path}: not a locis-rl checkpoint (format: expected "
-                                  f"{CHECKPOINT_FORMAT!r}, actual value: {found!r})")
-        missing = [key for key in ("format_version", "model", "config", "state_dict") if key not in ckpt]
-        if missing:
-            raise CheckpointError(f"{path}: checkpoint is missing the keys {missing}")
-        if ckpt["format_version"] != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format_version {ckpt['format_version']!r} is not supported "
-                                  f"(expected {FORMAT_VERSION}); re-save it with a matching locis-rl")
-        if ckpt["model"] != "LociS":
-            raise CheckpointError(f"{path}: model: expected 'LociS', actual value: {ckpt['model']!r}")
-        try:
-            saved = LociSConfig.from_dict(ckpt["config"])
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: invalid config in checkpoint: {exc}") from exc
-        if config is not None:
-            expected = LociSConfig.preset(config) if isinstance(config, str) else config
-            a, e = _flatten_dict(saved.to_dict()), _flatten_dict(expected.to_dict())
-            diffs = [f"config.{key}: checkpoint {a.get(key)!r}, expected {e.get(key)!r}"
-                     for key in sorted(set(a) | set(e)) if a.get(key) != e.get(key)]
-            if diffs:
-                raise CheckpointError(f"{path}: config mismatch: " + "; ".join(diffs))
-        model = cls(saved)
-        own = model.state_dict()
-        state_dict = ckpt["state_dict"]
-        missing_keys = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        shapes = [f"{key}: checkpoint {tuple(state_dict[key].shape)}, expected {tuple(own[key].shape)}"
-                  for key in sorted(set(own) & set(state_dict)) if state_dict[key].shape != own[key].shape]
-        if missing_keys or unexpected or shapes:
-            parts = []
-            if missing_keys:
-                parts.append(f"missing parameters {missing_keys[:20]}")
-            if unexpected:
-                parts.append(f"unexpected parameters {unexpected[:20]}")
-            if shapes:
-                parts.append("shape mismatches: " + "; ".join(shapes[:20]))
-            raise CheckpointError(f"{path}: state_dict does not match the config: " + ", ".join(parts))
-        model.load_state_dict(state_dict)
-        device = map_location if isinstance(map_location, (str, torch.device)) else None
-        return model.to(device) if device is not None else model
+        expected = LociSConfig.preset(config) if isinstance(config, str) else config
+        return load_model_checkpoint(
+            path, model_name="LociS", config_from_dict=LociSConfig.from_dict, build=cls,
+            expected_config=expected, map_location=map_location,
+            wrong_model_hints={"SAVi": "; load it with locis_rl.savi.SAVi.from_pretrained"})
 
     def extra_repr(self) -> str:
         c = self.config

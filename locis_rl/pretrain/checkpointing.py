@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from locis_rl.model.checkpoint_io import atomic_torch_save
 
 __all__ = ["TRAIN_FORMAT", "TRAIN_FORMAT_VERSION", "ResumeError", "save_train_checkpoint",
            "load_train_checkpoint", "rng_state", "set_rng_state"]
@@ -54,22 +55,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_train_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": TRAIN_FORMAT, "format_version": TRAIN_FORMAT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write a training checkpoint atomically (temporary file + fsync + ``os.replace``)."""
+    return atomic_torch_save({"format": TRAIN_FORMAT, "format_version": TRAIN_FORMAT_VERSION, **payload}, path)
 
 
 def load_train_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

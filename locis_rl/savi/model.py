@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,8 @@ from tensordict import TensorDict
 from torch import nn
 
 from locis_rl.model.depth_input import scene_relative_depth
-from locis_rl.model.locis import CHECKPOINT_FORMAT, FORMAT_VERSION, CheckpointError, row_uniform
+from locis_rl.model.checkpoint_io import CheckpointError, load_model_checkpoint, save_model_checkpoint
+from locis_rl.model.locis import row_uniform
 from locis_rl.savi.config import SAViConfig
 
 __all__ = [
@@ -128,15 +128,6 @@ def _mask_moments(weights: torch.Tensor) -> torch.Tensor:
            + (row * (ys - my[..., None]).pow(2)).sum(dim=-1)) / (2.0 * mass)
     std = var.clamp_min(1e-12).sqrt()
     return torch.stack([mx, my, std, torch.zeros_like(mx)], dim=-1)
-
-
-def _flatten_dict(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten_dict(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,31 +630,9 @@ class SAVi(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write a checkpoint atomically (temporary file + ``os.replace``). Returns the path.
 
-        Layout: ``{"format": "locis-rl-checkpoint", "format_version": 1, "model": "SAVi",
-        "config": ..., "state_dict": ..., "locis_rl_version": ...}`` (the LociS layout).
+        Layout: see :mod:`locis_rl.model.checkpoint_io` (``"model": "SAVi"``, as LociS's).
         """
-        from locis_rl import __version__
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": MODEL_NAME,
-            "config": self.config.to_dict(),
-            "state_dict": {key: v.detach().cpu() for key, v in self.state_dict().items()},
-            "locis_rl_version": __version__,
-        }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return save_model_checkpoint(self, MODEL_NAME, path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: Any = "cpu", *,
@@ -682,56 +651,11 @@ class SAVi(nn.Module):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no SAVi checkpoint at {path} (write one with SAVi.save_pretrained)")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - anything torch.load refuses is a foreign file
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            raise CheckpointError(f"{path}: not a locis-rl checkpoint (torch.load failed: "
-                                  f"{type(exc).__name__}: {first_line})") from exc
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise CheckpointError(f"{path}: not a locis-rl checkpoint (format: expected "
-                                  f"{CHECKPOINT_FORMAT!r}, actual value: {found!r})")
-        missing = [key for key in ("format_version", "model", "config", "state_dict") if key not in ckpt]
-        if missing:
-            raise CheckpointError(f"{path}: checkpoint is missing the keys {missing}")
-        if ckpt["format_version"] != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format_version {ckpt['format_version']!r} is not supported "
-                                  f"(expected {FORMAT_VERSION}); re-save it with a matching locis-rl")
-        if ckpt["model"] != MODEL_NAME:
-            hint = "; load it with LociS.from_pretrained" if ckpt["model"] == "LociS" else ""
-            raise CheckpointError(f"{path}: model: expected {MODEL_NAME!r}, actual value: "
-                                  f"{ckpt['model']!r}{hint}")
-        try:
-            saved = SAViConfig.from_dict(ckpt["config"])
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: invalid config in checkpoint: {exc}") from exc
-        if config is not None:
-            expected = SAViConfig.preset(config) if isinstance(config, str) else config
-            a, e = _flatten_dict(saved.to_dict()), _flatten_dict(expected.to_dict())
-            diffs = [f"config.{key}: checkpoint {a.get(key)!r}, expected {e.get(key)!r}"
-                     for key in sorted(set(a) | set(e)) if a.get(key) != e.get(key)]
-            if diffs:
-                raise CheckpointError(f"{path}: config mismatch: " + "; ".join(diffs))
-        model = cls(saved)
-        own = model.state_dict()
-        state_dict = ckpt["state_dict"]
-        missing_keys = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        shapes = [f"{key}: checkpoint {tuple(state_dict[key].shape)}, expected {tuple(own[key].shape)}"
-                  for key in sorted(set(own) & set(state_dict)) if state_dict[key].shape != own[key].shape]
-        if missing_keys or unexpected or shapes:
-            parts = []
-            if missing_keys:
-                parts.append(f"missing parameters {missing_keys[:20]}")
-            if unexpected:
-                parts.append(f"unexpected parameters {unexpected[:20]}")
-            if shapes:
-                parts.append("shape mismatches: " + "; ".join(shapes[:20]))
-            raise CheckpointError(f"{path}: state_dict does not match the config: " + ", ".join(parts))
-        model.load_state_dict(state_dict)
-        device = map_location if isinstance(map_location, (str, torch.device)) else None
-        return model.to(device) if device is not None else model
+        expected = SAViConfig.preset(config) if isinstance(config, str) else config
+        return load_model_checkpoint(
+            path, model_name=MODEL_NAME, config_from_dict=SAViConfig.from_dict, build=cls,
+            expected_config=expected, map_location=map_location,
+            wrong_model_hints={"LociS": "; load it with LociS.from_pretrained"})
 
     def extra_repr(self) -> str:
         c = self.config
