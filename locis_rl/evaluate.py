@@ -1,9 +1,17 @@
-"""Evaluate a Loci-s checkpoint on recorded videos: segmentation and reconstruction metrics.
+"""Evaluate a Loci-s (or SAVi) checkpoint on recorded videos: segmentation and reconstruction metrics.
 
 Usage::
 
     python -m locis_rl.evaluate --checkpoint runs/quickstart-.../model.pt --data data/val.h5 \\
         --mode rnd --mode reg --mode seg [--json metrics.json] [--out vis/] [--max-sequences 16]
+    python -m locis_rl.evaluate --checkpoint runs/savi-quickstart-.../model.pt --data data/val.h5
+
+SAVi checkpoints (``SAVi.save_pretrained``, or a run of ``python -m locis_rl.pretrain --model
+savi``) have no slot-assignment modes: they are evaluated once, in the row ``savi`` (unconditional,
+``savi-sampled`` for sampled initial slots) or ``savi-boxes`` / ``savi-centers`` (conditioned on the
+ground-truth boxes / centres of each sequence's first frame, :func:`locis_rl.savi.boxes_from_segmentation`).
+``--conditioning`` defaults to the model's own (its initializer's weights fix it). SAVi has no
+background slot: every pixel belongs to some slot.
 
 ``--checkpoint`` takes a file from ``LociS.save_pretrained``, ``default`` (the shipped model), a
 training run directory (its ``model.pt``, else its ``checkpoint.pt``) or a training
@@ -45,7 +53,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["evaluate_model", "labels_from_masks", "load_model", "format_table", "main", "METRIC_KEYS"]
+__all__ = ["evaluate_model", "labels_from_masks", "load_model", "format_table", "main", "METRIC_KEYS",
+           "model_step", "savi_label"]
 
 SEGMENTATION_KEYS = ("FG-ARI", "mIoU", "mIoU-seq", "ARI-A", "AMI-A", "AMI-O", "F1", "OCA")
 RECONSTRUCTION_KEYS = ("RGB-SSIM", "RGB-MSE", "Depth-SSIM", "Depth-MSE")
@@ -64,7 +73,8 @@ def labels_from_masks(masks: torch.Tensor) -> torch.Tensor:
 
 
 def load_model(checkpoint: str | os.PathLike, map_location: Any = "cpu"):
-    """A :class:`LociS` from a model file, ``default``, a run directory or a training checkpoint."""
+    """A :class:`LociS` from a model file, ``default``, a run directory or a training checkpoint;
+    a :class:`~locis_rl.savi.SAVi` when the file / run holds one."""
     from locis_rl.model import LociS
 
     path = Path(checkpoint) if str(checkpoint) != "default" else None
@@ -82,10 +92,20 @@ def load_model(checkpoint: str | os.PathLike, map_location: Any = "cpu"):
             head = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - let from_pretrained produce its own error message
             head = None
+        if isinstance(head, dict) and head.get("model") == "SAVi":
+            from locis_rl.savi import SAVi
+
+            return SAVi.from_pretrained(path, map_location=map_location)
         if isinstance(head, dict) and head.get("format") == TRAIN_FORMAT:
             ckpt = load_train_checkpoint(path)
             from locis_rl.model import LociSConfig
 
+            if ckpt["config"].get("model_family", "locis") == "savi":
+                from locis_rl.savi import SAVi, SAViConfig
+
+                model = SAVi(SAViConfig.from_dict(ckpt["config"]["model"]))
+                model.load_state_dict(ckpt["model"])
+                return model.to(map_location)
             model = LociS(LociSConfig.from_dict(ckpt["config"]["model"]))
             model.load_state_dict(ckpt["model"])
             return model.to(map_location)
@@ -118,6 +138,32 @@ def _batches(dataset: Any, batch_size: int, limit: int | None) -> Iterable[dict[
                if torch.is_tensor(items[0][k]) and all(k in it for it in items)}
 
 
+def savi_label(config: Any) -> str:
+    """Row label of a SAVi model: ``savi`` / ``savi-sampled`` / ``savi-boxes`` / ``savi-centers``."""
+    return {"unconditional-learned": "savi", "unconditional-sampled": "savi-sampled"}.get(
+        config.conditioning, f"savi-{config.conditioning}")
+
+
+def _is_savi(model: Any) -> bool:
+    return isinstance(getattr(getattr(model, "config", None), "conditioning", None), str)
+
+
+def model_step(model: Any, rgb: torch.Tensor, depth: torch.Tensor | None, state: Any, *, mode: str | None,
+               first_segmentation: torch.Tensor | None = None, t: int = 0):
+    """``model.step`` on frame ``t`` of a sequence, for Loci-s (slot-assignment ``mode``) and SAVi
+    (conditional SAVi: ground-truth boxes / centres of ``first_segmentation [B,H,W]`` at ``t == 0``)."""
+    use_depth = model.config.use_depth
+    if not _is_savi(model):
+        return model.step(rgb, depth if use_depth else None, state, mode=mode)
+    kwargs: dict[str, Any] = {}
+    if t == 0 and model.config.conditional:
+        from locis_rl.savi.train import gt_conditioning
+
+        seg = None if first_segmentation is None else first_segmentation.to(rgb.device)
+        kwargs["conditioning"] = gt_conditioning(model, seg)
+    return model.step(rgb, depth if use_depth else None, state, **kwargs)
+
+
 def _nanmean(values: list[float]) -> float:
     arr = np.asarray(values, dtype=np.float64)
     ok = ~np.isnan(arr)
@@ -128,17 +174,23 @@ def _nanmean(values: list[float]) -> float:
 def evaluate_model(model, dataset_or_path: Any, modes: Sequence[str] = ("rnd", "reg", "seg"), *,
                    max_sequences: int | None = None, batch_size: int = 4, seed: int = 0,
                    out_dir: str | os.PathLike | None = None, visualize: int = 1,
-                   device: str | torch.device | None = None, progress: bool = False) -> dict[str, Any]:
+                   device: str | torch.device | None = None, progress: bool = False,
+                   conditioning: str | None = None) -> dict[str, Any]:
     """Run ``model`` over each sequence for every mode and compute the metrics.
 
     Args:
-        model: a :class:`~locis_rl.model.LociS` (put in eval mode here; its mode is restored).
+        model: a :class:`~locis_rl.model.LociS` (put in eval mode here; its mode is restored), or a
+            :class:`~locis_rl.savi.SAVi`: ``modes`` is then ignored and the model evaluated once,
+            under the label :func:`savi_label` (conditional SAVi: ground-truth first-frame boxes /
+            centres, so the data needs segmentation).
         dataset_or_path: an HDF5 path / list of paths (whole episodes are used) or a dataset of
             dicts with ``rgb [T,3,H,W]`` (+ ``depth``, ``segmentation``) as :class:`VideoDataset`
             yields.
         modes: slot-assignment modes to evaluate.
         max_sequences: evaluate at most this many sequences (None = all).
         out_dir: where PNG / GIF visualisations go (None = none); ``visualize`` sequences per mode.
+        conditioning: SAVi only: ``None`` or the model's ``config.conditioning`` (anything else is
+            a ``ValueError``: the initializer's weights fix it).
 
     Returns:
         ``{"modes": {mode: {metric: value, ..., "sequences": n, "seconds": s}}, "metrics":
@@ -148,8 +200,16 @@ def evaluate_model(model, dataset_or_path: Any, modes: Sequence[str] = ("rnd", "
     from locis_rl import metrics as M
     from locis_rl.model.depth_input import scene_relative_depth
 
+    savi = _is_savi(model)
+    if savi:
+        if conditioning is not None and conditioning != model.config.conditioning:
+            raise ValueError(f"conditioning: this SAVi was trained with conditioning="
+                             f"{model.config.conditioning!r}; its initializer cannot run {conditioning!r}")
+        modes = [savi_label(model.config)]
+    elif conditioning is not None:
+        raise ValueError("conditioning applies to SAVi checkpoints only (Loci-s: use modes)")
     for mode in modes:
-        if mode not in ("rnd", "reg", "seg"):
+        if not savi and mode not in ("rnd", "reg", "seg"):
             raise ValueError(f"unknown mode {mode!r}; expected rnd, reg or seg")
     dataset = _as_dataset(dataset_or_path, model.config.image_size)
     if device is None:
@@ -171,14 +231,20 @@ def evaluate_model(model, dataset_or_path: Any, modes: Sequence[str] = ("rnd", "
                 depth = batch.get("depth")
                 depth = depth.to(device) if depth is not None else None
                 seg = batch.get("segmentation")
+                if savi and model.config.conditional and seg is None:
+                    raise ValueError(f"SAVi with conditioning={model.config.conditioning!r} needs the "
+                                     f"ground-truth segmentation of each sequence's first frame; the data "
+                                     f"has none")
                 state = model.init_state(b, device, seed=seed + 7919 * bi)
                 masks, recon, recon_d, frames_vis = [], [], [], [[] for _ in range(min(vis_left, b))]
                 for t in range(T):
                     d_t = depth[:, t] if depth is not None else None
-                    out, state = model.step(rgb[:, t], d_t if model.config.use_depth else None, state, mode=mode)
+                    out, state = model_step(model, rgb[:, t], d_t, state, mode=None if savi else mode,
+                                            first_segmentation=None if seg is None else seg[:, 0], t=t)
                     masks.append(labels_from_masks(out["masks"].float()).cpu())
                     recon.append(out["rgb"].float().clamp(0, 1))
-                    recon_d.append(out["depth"].float())
+                    if "depth" in out.keys():  # SAVi without predict_depth predicts no depth
+                        recon_d.append(out["depth"].float())
                     if frames_vis:
                         from locis_rl.pretrain.visualize import frame_from_output
 
@@ -189,7 +255,7 @@ def evaluate_model(model, dataset_or_path: Any, modes: Sequence[str] = ("rnd", "
                 pred_rgb = torch.stack(recon, dim=1)
                 per["RGB-MSE"] += (pred_rgb - rgb).pow(2).flatten(1).mean(1).tolist()
                 per["RGB-SSIM"] += M.ssim(pred_rgb, rgb).tolist()
-                if depth is not None:
+                if depth is not None and recon_d:
                     true_d = scene_relative_depth(depth.flatten(0, 1)).view_as(depth)
                     pred_d = torch.stack(recon_d, dim=1)
                     per["Depth-MSE"] += (pred_d - true_d).pow(2).flatten(1).mean(1).tolist()
@@ -269,10 +335,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m locis_rl.evaluate", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="default",
-                        help="model file, 'default', a run directory or a training checkpoint.pt")
+                        help="model file (Loci-s or SAVi), 'default', a run directory or a training checkpoint.pt")
     parser.add_argument("--data", nargs="+", required=True, help="HDF5 file(s) from locis_rl.data.generate")
     parser.add_argument("--mode", action="append", nargs="+", choices=["rnd", "reg", "seg"],
-                        help="slot-assignment mode(s); repeatable; default: rnd reg seg")
+                        help="slot-assignment mode(s) of Loci-s; repeatable; default: rnd reg seg "
+                             "(SAVi has none: it is evaluated once)")
+    parser.add_argument("--conditioning", default=None,
+                        choices=["unconditional-learned", "unconditional-sampled", "boxes", "centers"],
+                        help="SAVi only; default (and only possible value): the model's config. "
+                             "boxes / centers use the ground-truth first-frame boxes / centres")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--out", help="directory for PNG / GIF visualisations")
     parser.add_argument("--visualize", type=int, default=2, help="sequences visualised per mode (with --out)")
@@ -289,9 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise FileNotFoundError(f"data file {p!r} does not exist; create one with "
                                         f"`python -m locis_rl.data.generate --env locis/MultiObject-v0 --out {p}`")
         model = load_model(args.checkpoint, map_location=args.device)
+        if _is_savi(model) and args.mode:
+            raise ValueError("--mode: SAVi has no slot-assignment modes (rnd / reg / seg); it is evaluated "
+                             "once (see --conditioning)")
         results = evaluate_model(model, args.data, modes, max_sequences=args.max_sequences,
                                  batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
-                                 visualize=args.visualize, progress=True)
+                                 visualize=args.visualize, progress=True, conditioning=args.conditioning)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,9 +16,14 @@ Stages (paper sections 3.4-3.6 and 4), selectable with ``--stage`` and chained b
    truncated BPTT over windows of ``stages.full.bptt`` frames (``LociS.detach_state`` between
    windows, one optimiser update per window).
 
+``--model savi`` (``model_family: savi``; presets ``savi-quickstart``, ``savi-gpu-budget``) trains
+the SAVi baseline instead, on the same data with the same machinery: one stage, ``savi``
+(:mod:`locis_rl.savi.train`), whose ``model.pt`` / ``metrics.json`` are SAVi's.
+
 Usage::
 
     python -m locis_rl.pretrain                                    # quickstart preset, all stages
+    python -m locis_rl.pretrain --preset savi-quickstart           # the SAVi baseline
     python -m locis_rl.pretrain --preset shipped --data a.h5 b.h5 # the shipped model's run
     python -m locis_rl.pretrain --stage objects stages.objects.steps=500 model.num_slots=8
     python -m locis_rl.pretrain --resume runs/quickstart-20260101-120000

@@ -13,12 +13,17 @@ if not os.environ.get("DISPLAY"):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m locis_rl.pretrain",
-        description="Train Loci-s on offline videos (background -> objects -> proposal -> full).",
+        description="Train Loci-s on offline videos (background -> objects -> proposal -> full), "
+                    "or the SAVi baseline (--model savi: one stage, savi).",
         epilog="Overrides: key=value with dotted keys, e.g. model.num_slots=8 stages.full.steps=200 "
                "optim.lr=3e-4 data.levels=[a,b]. Presets live in configs/train/.")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--preset", default="quickstart", help="training preset name or YAML path (default: quickstart)")
-    p.add_argument("--stage", default="all", choices=["background", "objects", "proposal", "full", "all"])
+    p.add_argument("--stage", default="all", choices=["background", "objects", "proposal", "full", "savi", "all"],
+                   help="Loci-s stage(s) to run; `savi` (implies --model savi) for the SAVi baseline")
+    p.add_argument("--model", choices=["locis", "savi"], default=None,
+                   help="model family (= model_family=...; default: the preset's, locis). With savi, "
+                        "model_preset names a SAVi preset (tiny = configs/model/savi-tiny.yaml)")
     p.add_argument("--data", nargs="+", metavar="FILE.h5",
                    help="video files from `python -m locis_rl.data.generate` (default: generate the preset's)")
     p.add_argument("--run-dir", help="output directory (default: runs/<preset>-<timestamp>)")
@@ -41,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         overrides = parse_overrides(args.overrides)
+        family = args.model or ("savi" if args.stage == "savi" else None)
+        if family is not None and not args.resume:
+            overrides["model_family"] = family
         if args.data:
             overrides["data.paths"] = list(args.data)
         if args.resume:

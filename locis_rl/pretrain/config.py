@@ -29,6 +29,7 @@ __all__ = [
     "ObjectsStageConfig",
     "ProposalStageConfig",
     "FullStageConfig",
+    "SAViStageConfig",
     "StagesConfig",
     "EvalConfig",
     "TrainConfig",
@@ -40,6 +41,9 @@ __all__ = [
 
 STAGES = ("background", "objects", "proposal", "full")
 """The paper's training stages in the order ``--stage all`` runs them."""
+
+MODEL_FAMILIES = ("locis", "savi")
+"""``model_family``: ``locis`` (the stages above) or ``savi`` (the SAVi baseline, one ``savi`` stage)."""
 
 
 @dataclass
@@ -162,11 +166,31 @@ class FullStageConfig(StageBudget):
 
 
 @dataclass
+class SAViStageConfig(StageBudget):
+    """The SAVi baseline's only stage (``model_family: savi``, :mod:`locis_rl.savi.train`): video
+    training with truncated BPTT, like ``full``. Conditional models get first-frame boxes / centres
+    of the ground-truth segmentation."""
+
+    steps: int = 10000
+    """Training sequences; each gives ``ceil(seq_len / bptt)`` optimiser updates (one per window)."""
+    batch_size: int = 8
+    seq_len: int = 24
+    """Frames per training sequence (clipped to the episode length)."""
+    bptt: int = 2
+    """Truncated BPTT window: frames per backward pass."""
+    depth_weight: float = 1.0
+    """Weight of the depth reconstruction term (``model.predict_depth`` and depth in the data)."""
+    lr_scale: float = 1.0
+    """Learning rate of this stage = ``optim.lr * lr_scale``."""
+
+
+@dataclass
 class StagesConfig:
     background: BackgroundStageConfig = field(default_factory=BackgroundStageConfig)
     objects: ObjectsStageConfig = field(default_factory=ObjectsStageConfig)
     proposal: ProposalStageConfig = field(default_factory=ProposalStageConfig)
     full: FullStageConfig = field(default_factory=FullStageConfig)
+    savi: SAViStageConfig = field(default_factory=SAViStageConfig)
 
 
 @dataclass
@@ -185,8 +209,11 @@ class TrainConfig:
     preset: str = "custom"
     """Name of the training preset (used in the default run directory)."""
     seed: int = 0
+    model_family: str = "locis"
+    """``locis`` or ``savi``: which model ``model`` configures (a :class:`LociSConfig` or a
+    :class:`~locis_rl.savi.SAViConfig`) and which stages run (``savi``: the one ``savi`` stage)."""
     model_preset: str = "tiny"
-    """Model preset the ``model`` section starts from."""
+    """Model preset the ``model`` section starts from (``savi``: a SAVi preset, ``tiny`` = ``savi-tiny``)."""
     model: LociSConfig = field(default_factory=LociSConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -218,12 +245,19 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Rebuild a saved config (model section complete, no preset lookup)."""
         data = dict(data)
-        model = LociSConfig.from_dict(data.pop("model", {}) or {})
+        model = _model_config_class(str(data.get("model_family", "locis"))).from_dict(data.pop("model", {}) or {})
         cfg = apply_overrides(cls(model=model), data)
         return cfg.validate()
 
     def validate(self) -> "TrainConfig":
+        if not isinstance(self.model, _model_config_class(self.model_family)):
+            raise ConfigError(f"model_family={self.model_family!r} needs a "
+                              f"{_model_config_class(self.model_family).__name__} model section, actual: "
+                              f"{type(self.model).__name__}")
         self.model.validate()
+        s = self.stages.savi
+        if s.steps < 0 or s.bptt < 1 or s.seq_len < 1 or s.batch_size < 1:
+            raise ConfigError("stages.savi: steps must be >= 0, bptt, seq_len and batch_size >= 1")
         for name in ("steps",):
             for stage in ("objects", "proposal", "full"):
                 if getattr(getattr(self.stages, stage), name) < 0:
@@ -247,6 +281,17 @@ class TrainConfig:
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k} must be >= 0")
         return self
+
+
+def _model_config_class(family: str) -> type:
+    """The model config class of a ``model_family`` (raises :class:`ConfigError` for others)."""
+    if family == "locis":
+        return LociSConfig
+    if family == "savi":
+        from locis_rl.savi.config import SAViConfig
+
+        return SAViConfig
+    raise ConfigError(f"model_family: expected one of {list(MODEL_FAMILIES)}, actual value: {family!r}")
 
 
 def _plain(value: Any) -> Any:
@@ -344,8 +389,10 @@ def load_train_config(preset: str = "quickstart", overrides: dict[str, Any] | Se
     flat = _flatten(data)
     flat.update(overrides)
     flat.setdefault("preset", Path(path).stem)
+    family = str(flat.pop("model_family", TrainConfig.model_family))
     model_preset = str(flat.pop("model_preset", TrainConfig.model_preset))
-    base = TrainConfig(model=LociSConfig.preset(model_preset), model_preset=model_preset)
+    base = TrainConfig(model=_model_config_class(family).preset(model_preset), model_preset=model_preset,
+                       model_family=family)
     flat = _coerce_strings(base, flat)
     cfg = apply_overrides(base, flat)
     return cfg.validate()
@@ -357,6 +404,8 @@ def apply_train_overrides(cfg: TrainConfig, overrides: dict[str, Any] | Sequence
         return cfg
     if not isinstance(overrides, dict):
         overrides = parse_overrides(overrides)
-    if "model_preset" in overrides or any(k.startswith("model.") for k in overrides):
-        raise ConfigError("the model of a resumed run cannot be changed (model / model_preset overrides)")
+    if ("model_preset" in overrides or "model_family" in overrides
+            or any(k.startswith("model.") for k in overrides)):
+        raise ConfigError("the model of a resumed run cannot be changed (model / model_preset / model_family "
+                          "overrides)")
     return apply_overrides(cfg, _coerce_strings(cfg, dict(overrides))).validate()

@@ -25,6 +25,7 @@ from locis_rl.pretrain.data import EpisodeStore, StepSampler, resolve_data_paths
 from locis_rl.pretrain.optim import build_optimizer, build_scheduler
 from locis_rl.pretrain.stages import (FullStage, build_stage, phase_batch_size, phase_lr_scale, phase_max_seconds,
                                       phase_steps, phases_for)
+from locis_rl.savi import train as savi_train
 
 __all__ = ["train", "TrainResult", "default_run_dir"]
 
@@ -78,6 +79,21 @@ class _Dist:
             dist.destroy_process_group()
 
 
+# model_family=savi: one phase, "savi" (locis_rl/savi/train.py); everything else is shared
+def _phases(cfg: TrainConfig, stage: str) -> list[str]:
+    return savi_train.phases_for(stage) if cfg.model_family == "savi" else phases_for(stage)
+
+
+def _build_model(cfg: TrainConfig) -> nn.Module:
+    if cfg.model_family == "savi":
+        from locis_rl.savi import SAVi
+
+        return SAVi(cfg.model)
+    from locis_rl.model import LociS
+
+    return LociS(cfg.model)
+
+
 def _step_seed(seed: int, phase_index: int, step: int, rank: int) -> int:
     return (int(seed) * 1_000_003 + phase_index * 10_000_019 + step * 7_919 + rank * 104_729) % (2 ** 62)
 
@@ -95,7 +111,7 @@ class Trainer:
             stage = self.ckpt.get("stage", stage)
         self.cfg = cfg
         self.stage = stage
-        phases_for(stage)  # validates the name early
+        _phases(cfg, stage)  # validates the name early
         self.dist = _Dist(cfg)
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg.preset)
         self._log = log or (lambda msg: print(f"[pretrain] {msg}", file=sys.stderr, flush=True))
@@ -109,8 +125,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        from locis_rl.model import LociS
-
         cfg, d = self.cfg, self.dist
         paths = (self.ckpt["data_paths"] if self.ckpt is not None and not cfg.data.paths and self.ckpt.get("data_paths")
                  else None)
@@ -122,7 +136,7 @@ class Trainer:
             (self.run_dir / "images").mkdir(exist_ok=True)
             with open(self.run_dir / "config.json", "w") as f:
                 json.dump({"stage": self.stage, **cfg.to_dict()}, f, indent=2)
-        phases = phases_for(self.stage)
+        phases = _phases(cfg, self.stage)
         if not self.store.has_segmentation and "proposal" in phases:
             phases.remove("proposal")
             self.log("the data has no segmentation masks: skipping the proposal stage "
@@ -131,7 +145,7 @@ class Trainer:
             raise ResumeError(f"checkpoint phases {self.ckpt['phases']} do not match this run's {phases}")
 
         torch.manual_seed(cfg.seed)
-        model = LociS(cfg.model).to(d.device)
+        model = _build_model(cfg).to(d.device)
         if self.init is not None and self.ckpt is None:
             self._load_init(model, self.init)
         phase_index, step, global_step = 0, 0, 0
@@ -212,10 +226,11 @@ class Trainer:
 
     def _run_phase(self, pi: int, phase: str, start: int, global_step: int, resume_ckpt) -> tuple[bool, int]:
         cfg, d, model, store = self.cfg, self.dist, self.model, self.store
-        total = phase_steps(cfg, phase)
+        savi = phase == savi_train.PHASE
+        total = cfg.stages.savi.steps if savi else phase_steps(cfg, phase)
         if start >= total:
             return True, global_step
-        stage = build_stage(phase, model, cfg)
+        stage = savi_train.SAViStage(model, cfg) if savi else build_stage(phase, model, cfg)
         if isinstance(stage, FullStage) and not store.has_segmentation and model.config.assignment.mode == "seg":
             stage.mode = "reg"  # no proposal network was trained on this data
             self.log("full stage: no segmentation in the data, training with slot assignment 'reg'")
@@ -231,7 +246,8 @@ class Trainer:
         if resume_ckpt is not None and resume_ckpt.get("optimizer") is not None:
             optimizer.load_state_dict(resume_ckpt["optimizer"])
             scheduler.load_state_dict(resume_ckpt["scheduler"])
-        sampler = StepSampler(store.train_ids, phase_batch_size(cfg, phase), seed=cfg.seed + 101 * pi,
+        batch_size = cfg.stages.savi.batch_size if savi else phase_batch_size(cfg, phase)
+        sampler = StepSampler(store.train_ids, batch_size, seed=cfg.seed + 101 * pi,
                               rank=d.rank, world_size=d.world_size)
         self.log(f"phase {pi + 1}/{len(self.phases)} {phase}: steps {start}..{total} "
                  f"({sum(p.numel() for p in params):,} trained parameters, {d.world_size} process(es))")
@@ -255,7 +271,7 @@ class Trainer:
             items = sampler.indices(step)
             batch = stage.sample(store, items, gen).to(d.device)
             frames = batch.rgb.shape[0] * batch.rgb.shape[1]
-            if isinstance(stage, FullStage):
+            if isinstance(stage, (FullStage, savi_train.SAViStage)):
                 loss_value, logs = self._full_step(module, stage, batch, optimizer, seed)
             else:
                 with self._autocast():
@@ -322,7 +338,7 @@ class Trainer:
         model, cfg = self.model, self.cfg
         B, T = batch.rgb.shape[:2]
         state = model.init_state(B, self.dist.device, seed=seed)
-        window = cfg.stages.full.bptt
+        window = stage.bptt if isinstance(stage, savi_train.SAViStage) else cfg.stages.full.bptt
         total, n = 0.0, 0
         logs: dict[str, Any] = {}
         for t0 in range(0, T, window):
@@ -350,6 +366,10 @@ class Trainer:
         model.eval()
         try:
             ep = self.store.episode(self.store.eval_ids[0])
+            if self.cfg.model_family == "savi":
+                frames = savi_train.decomposition_frames(model, ep, self.dist.device, seed=self.cfg.seed)
+                save_png(np.concatenate(frames, axis=0), self.run_dir / "images" / f"{tag}.png")
+                return
             rgb = ep["rgb"].to(self.dist.device)
             depth = ep.get("depth")
             depth = depth.to(self.dist.device) if depth is not None else None
@@ -392,6 +412,7 @@ class Trainer:
 def train(cfg: TrainConfig, *, stage: str = "all", run_dir: str | os.PathLike | None = None,
           resume: str | os.PathLike | None = None, init: str | os.PathLike | None = None,
           overrides: dict[str, Any] | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train ``stage`` (``background | objects | proposal | full | all``); see the package doc."""
+    """Train ``stage`` (``background | objects | proposal | full | all``; ``savi | all`` with
+    ``cfg.model_family == "savi"``); see the package doc."""
     return Trainer(cfg, stage=stage, run_dir=run_dir, resume=resume, init=init, overrides=overrides,
                    log=log).run()

@@ -58,11 +58,13 @@ def _rgb(x: np.ndarray) -> np.ndarray:
 
 
 def decomposition_grid(rgb: torch.Tensor, masks: torch.Tensor, slot_rgb: torch.Tensor,
-                       background_rgb: torch.Tensor, recon_rgb: torch.Tensor | None = None,
+                       background_rgb: torch.Tensor | None, recon_rgb: torch.Tensor | None = None,
                        depth: torch.Tensor | None = None, recon_depth: torch.Tensor | None = None,
                        slot_depth: torch.Tensor | None = None, background_depth: torch.Tensor | None = None,
                        presence: torch.Tensor | None = None, scale: int = 2) -> np.ndarray:
     """One frame's decomposition as a ``uint8 [rows*H', cols*W', 3]`` image.
+
+    ``background_rgb`` may be ``None`` (models without a background slot, e.g. SAVi): a blank cell.
 
     Args:
         rgb ``[3,H,W]`` input; masks ``[K+1,H,W]`` visible masks (background last); slot_rgb
@@ -78,7 +80,8 @@ def decomposition_grid(rgb: torch.Tensor, masks: torch.Tensor, slot_rgb: torch.T
     blank = np.zeros((h, w, 3), np.float32)
     s_rgb = _np(slot_rgb)
     row_rgb = [_rgb(_np(rgb)), overlay_masks(rgb, masks),
-               _rgb(_np(recon_rgb)) if recon_rgb is not None else blank, _rgb(_np(background_rgb))]
+               _rgb(_np(recon_rgb)) if recon_rgb is not None else blank,
+               _rgb(_np(background_rgb)) if background_rgb is not None else blank]
     row_rgb += [_rgb(s_rgb[i]) * (1.0 if pres[i] > 0.5 else 0.3) for i in range(k)]
     rows = [row_rgb]
     has_depth = slot_depth is not None or depth is not None
