@@ -322,3 +322,16 @@ def test_bench_parser():
     assert args.steps == 2 and args.json == "out.json" and callable(args.func)
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
+
+
+def test_seg_mode_falls_back_to_sampling_when_the_proposal_network_finds_nothing():
+    # An untrained (or out-of-distribution) proposal network returns no instance: the rows must
+    # still get slots, sampled in the uncertainty map, instead of running with every slot absent.
+    torch.manual_seed(0)
+    model = LociS(fast_config(proposals={"score_threshold": 1.1})).eval()
+    rgb, _ = frames(2, model.config.image_size)
+    state = model.init_state(2, seed=3)
+    with torch.no_grad():
+        assert not model.proposals.predict_instances(rgb)["valid"].any()
+        out, state = model.step(rgb, state=state, mode="seg")
+    assert (out["presence"] > 0).any(dim=1).all(), out["presence"]

@@ -255,3 +255,14 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
     assert not [f for f in files if f.endswith(".tmp")]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     assert ckpt["world_size"] == 2
+
+
+def test_optimizer_choice():
+    from locis_rl.pretrain.config import OptimConfig
+    from locis_rl.pretrain.optim import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    plain = build_optimizer(params, OptimConfig(name="adamw", lookahead_alpha=0.0))
+    assert isinstance(plain, torch.optim.AdamW)
+    with pytest.raises(ValueError, match="optim.name"):
+        build_optimizer(params, OptimConfig(name="sgd"))

@@ -450,19 +450,22 @@ class LociS(nn.Module):
         dtype = rgb.dtype
         free = torch.ones(b, k, dtype=torch.bool, device=rgb.device)
         teacher = None
+        if generator is not None:
+            sampled = sample_free_slot_positions(foreground[:, 0], free, cfg.assignment.initial_size, generator)
+        else:
+            u = row_uniform(seed, frame_index, _STREAM_INITIAL, k, dtype=dtype)
+            sampled = _sample_positions_rowwise(foreground[:, 0], u, cfg.assignment.initial_size)
+        position, presence = sampled, torch.ones(b, k, dtype=dtype, device=rgb.device)
         if mode == "seg":
             inst_masks, valid = self._instances(image)
             inst_pos = positions_from_masks(inst_masks, valid)
-            position, assigned, teacher = assign_to_free_slots(inst_pos, valid, inst_masks, free)
-            presence = assigned.to(dtype)
-        else:
-            if generator is not None:
-                position = sample_free_slot_positions(foreground[:, 0], free, cfg.assignment.initial_size,
-                                                      generator)
-            else:
-                u = row_uniform(seed, frame_index, _STREAM_INITIAL, k, dtype=dtype)
-                position = _sample_positions_rowwise(foreground[:, 0], u, cfg.assignment.initial_size)
-            presence = torch.ones(b, k, dtype=dtype, device=rgb.device)
+            proposed, assigned, teacher = assign_to_free_slots(inst_pos, valid, inst_masks, free)
+            # A row for which the proposal network finds nothing (untrained, or an unfamiliar
+            # scene) falls back to sampling in the uncertainty map, as `rnd` does: a row without
+            # slots would never see an object again until a proposal appears.
+            use_proposals = valid.any(dim=1, keepdim=True)
+            position = torch.where(use_proposals[..., None], proposed, sampled)
+            presence = torch.where(use_proposals, assigned.to(dtype), presence)
         gestalt = rgb.new_zeros(b, k, g)
         visible = torch.cat([rgb.new_zeros(b, k, h, w), rgb.new_ones(b, 1, h, w)], dim=1)
         objects = teacher if teacher is not None else rgb.new_zeros(b, k, h, w)
@@ -669,7 +672,8 @@ class LociS(nn.Module):
 
         Returns:
             position ``[B,K,4]``, assigned ``[B,K]`` bool, object masks ``[B,K,H,W]`` (``seg``: the
-            proposal masks of the new slots; zeros otherwise).
+            proposal masks of the new slots; zeros otherwise). In ``seg`` mode a row without a new
+            proposal falls back to sampling in the unexplained foreground.
         """
         cfg = self.config
         b, k, h, w = present_masks.shape
@@ -677,30 +681,36 @@ class LociS(nn.Module):
         unexplained = unexplained_foreground(foreground, present_masks, presence)  # [B,H,W]
         need = (unexplained.mean(dim=(1, 2)) > cfg.assignment.new_object_fraction) & free.any(dim=1)
         zeros_masks = present_masks.new_zeros(b, k, h, w)
+        if generator is not None:
+            pos = sample_free_slot_positions(unexplained, free, cfg.assignment.initial_size, generator)
+        else:
+            u = row_uniform(seed, frame_index, _STREAM_NEW_OBJECT, k, dtype=present_masks.dtype)
+            pos = _sample_positions_rowwise(unexplained, u, cfg.assignment.initial_size)
+        # one new object per row and frame: the first free slot (several samples from the same
+        # map would mostly land on the same object)
+        first_free = free & (free.long().cumsum(dim=1) == 1)
+        sampled_assigned = first_free & need[:, None]
         if mode != "seg":
-            if generator is not None:
-                pos = sample_free_slot_positions(unexplained, free, cfg.assignment.initial_size, generator)
-            else:
-                u = row_uniform(seed, frame_index, _STREAM_NEW_OBJECT, k, dtype=present_masks.dtype)
-                pos = _sample_positions_rowwise(unexplained, u, cfg.assignment.initial_size)
-            # one new object per row and frame: the first free slot (several samples from the same
-            # map would mostly land on the same object)
-            first_free = free & (free.long().cumsum(dim=1) == 1)
-            return pos, first_free & need[:, None], zeros_masks
+            return pos, sampled_assigned, zeros_masks
         rows = need.nonzero().squeeze(1)
-        assigned = torch.zeros(b, k, dtype=torch.bool, device=presence.device)
-        position = presence.new_zeros(b, k, 4)
         if rows.numel() == 0:
-            return position, assigned, zeros_masks
+            return pos, sampled_assigned, zeros_masks
         masks, valid = self._instances(image.index_select(0, rows))
         covered = 1.0 - (1.0 - present_masks.index_select(0, rows).clamp(0, 1)).prod(dim=1)  # [r,H,W]
         inside = (masks * covered[:, None]).sum(dim=(-2, -1)) / masks.sum(dim=(-2, -1)).clamp_min(1.0)
         valid = valid & (inside <= PROPOSAL_COVERED_FRACTION)
-        pos, got, slot_masks = assign_to_free_slots(positions_from_masks(masks, valid), valid, masks,
-                                                    free.index_select(0, rows))
-        position = position.index_copy(0, rows, pos.to(position.dtype))
-        assigned = assigned.index_copy(0, rows, got)
-        return position, assigned, zeros_masks.index_copy(0, rows, slot_masks.to(zeros_masks.dtype))
+        prop_pos, got, slot_masks = assign_to_free_slots(positions_from_masks(masks, valid), valid, masks,
+                                                         free.index_select(0, rows))
+        # Rows whose unexplained foreground has no new proposal keep the sampled slot (as in
+        # warm-up): the proposal network may miss objects the uncertainty map sees.
+        use_proposals = torch.zeros(b, dtype=torch.bool, device=presence.device)
+        use_proposals = use_proposals.index_copy(0, rows, got.any(dim=1))
+        position = pos.index_copy(0, rows, torch.where(got[..., None], prop_pos.to(pos.dtype),
+                                                        pos.index_select(0, rows)))
+        assigned = torch.where(use_proposals[:, None],
+                               sampled_assigned.index_copy(0, rows, got), sampled_assigned)
+        object_masks = zeros_masks.index_copy(0, rows, slot_masks.to(zeros_masks.dtype))
+        return position, assigned, object_masks
 
     # ---- losses -------------------------------------------------------------------------------
     def loss(self, out: TensorDict, target_rgb: torch.Tensor, target_depth: torch.Tensor | None = None,

@@ -84,9 +84,13 @@ class Lookahead(torch.optim.Optimizer):
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """RAdam(lr, weight_decay), wrapped in :class:`Lookahead` unless ``lookahead_alpha`` is 0."""
+    """``cfg.name`` (RAdam or AdamW) with ``lr, weight_decay``, wrapped in :class:`Lookahead`
+    unless ``lookahead_alpha`` is 0."""
     params = [p for p in params if p.requires_grad]
-    inner = torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizers = {"radam": torch.optim.RAdam, "adamw": torch.optim.AdamW}
+    if cfg.name not in optimizers:
+        raise ValueError(f"optim.name: expected one of {sorted(optimizers)}, actual value: {cfg.name!r}")
+    inner = optimizers[cfg.name](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.lookahead_alpha <= 0:
         return inner
     return Lookahead(inner, alpha=cfg.lookahead_alpha, k=cfg.lookahead_k)
