@@ -73,7 +73,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_model(model: Any = "default") -> torch.nn.Module:
-    """A Loci-s model from an instance, ``"default"`` or a checkpoint path.
+    """A slot model (Loci-s, or SAVi) from an instance, ``"default"``, a checkpoint or run directory.
 
     Raises:
         FileNotFoundError: no checkpoint exists there (the message says how to get a model).
@@ -82,14 +82,11 @@ def load_model(model: Any = "default") -> torch.nn.Module:
     if isinstance(model, torch.nn.Module):
         module = model
     elif isinstance(model, (str, os.PathLike)):
+        # evaluate's loader also reads run directories, training checkpoints and SAVi files
+        from locis_rl.evaluate import load_model as load_checkpoint
+
         try:
-            from locis_rl.model.locis import LociS
-        except ImportError as exc:  # pragma: no cover - only before the model lands
-            raise ImportError(
-                "locis_rl.model.locis.LociS could not be imported, so model="
-                f"{model!r} cannot be loaded; pass a model instance instead") from exc
-        try:
-            module = LociS.from_pretrained(model)
+            module = load_checkpoint(model)
         except FileNotFoundError as exc:
             raise FileNotFoundError(
                 f"no Loci-s checkpoint found for model={model!r} ({exc}). Train one and pass its path, "
@@ -279,7 +276,8 @@ class SlotPerception:
         self.gestalt_dim = int(config.gestalt_dim)
         self.image_size = int(config.image_size)
         self.use_depth = bool(config.use_depth)
-        self.mode = mode
+        # Slot-assignment modes are Loci-s's; models without them (SAVi) get mode=None.
+        self.mode = mode if hasattr(config, "assignment") else None
         self.num_envs = int(num_envs)
         base = int(np.random.SeedSequence().entropy % _MAX_SEED) if seed is None else _check_seed(seed)
         self._stream = np.array([base + i for i in range(self.num_envs)], dtype=np.int64)

@@ -134,6 +134,11 @@ class SAViConfig:
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
+    def gestalt_dim(self) -> int:
+        """Length of the per-slot code downstream consumers read as ``gestalt`` (the slot vector)."""
+        return self.slot_dim
+
+    @property
     def image_channels(self) -> int:
         """Encoder input channels: RGB, plus scene-relative depth with ``use_depth``."""
         return 4 if self.use_depth else 3
