@@ -71,8 +71,8 @@ class ResidualPatchEmbedding(nn.Module):
 
     The shortcut average-pools by the stride and repeats channels up to ``out_channels``, so the
     block starts close to a down-sampling identity (tables 4, 7, 8: "Conv2D(...) + AvgPool +
-    Channel Copy"). Requires ``out_channels`` to be a multiple of ``in_channels``... or, when it is
-    not, the copied channels are truncated.
+    Channel Copy"). When ``out_channels`` is not a multiple of ``in_channels`` the last copy is
+    truncated.
 
     Shapes: ``[N, in_channels, H, W] -> [N, out_channels, H / stride, W / stride]``.
     """
