@@ -54,7 +54,7 @@ from locis_rl.model.slot_assignment import (
 from locis_rl.model.transition import SlotTransition
 
 __all__ = ["LociS", "CheckpointError", "FORMAT_VERSION", "CHECKPOINT_FORMAT", "DEFAULT_CHECKPOINT",
-           "MODES", "row_uniform"]
+           "MODES", "row_uniform", "rows_where"]
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default.pt"
 """Where ``LociS.from_pretrained("default")`` looks (inside the installed package)."""
@@ -182,7 +182,7 @@ def _regularize_rowwise(position: torch.Tensor, gestalt: torch.Tensor, presence:
     return torch.where(drop, torch.zeros_like(presence), presence)
 
 
-def _rows_where(mask: torch.Tensor, a: TensorDict, b: TensorDict) -> TensorDict:
+def rows_where(mask: torch.Tensor, a: TensorDict, b: TensorDict) -> TensorDict:
     """Row-wise select: ``a`` where ``mask [B]`` is True, else ``b`` (a new TensorDict)."""
     def pick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x, y)
@@ -312,7 +312,7 @@ class LociS(nn.Module):
             key = _row_key(old, state["frame_index"], _STREAM_RESEED)
             seed = ((_hash32(key ^ 0x27D4EB2F) & 0x3FFFFFFF) << 32) | _hash32(key)
         fresh = self.init_state(b, state.device, seed=seed)
-        return _rows_where(mask, fresh, state)
+        return rows_where(mask, fresh, state)
 
     @staticmethod
     def detach_state(state: TensorDict) -> TensorDict:

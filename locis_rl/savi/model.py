@@ -38,7 +38,7 @@ from torch import nn
 
 from locis_rl.model.depth_input import scene_relative_depth
 from locis_rl.model.checkpoint_io import CheckpointError, load_model_checkpoint, save_model_checkpoint
-from locis_rl.model.locis import row_uniform
+from locis_rl.model.locis import row_uniform, rows_where
 from locis_rl.savi.config import SAViConfig
 
 __all__ = [
@@ -370,8 +370,7 @@ class SAVi(nn.Module):
         if seed is None:
             seed = _derive_seeds(state["rng_seed"], state["frame_index"], _STREAM_RESEED)
         fresh = self.init_state(b, state.device, seed=seed)
-        return fresh.apply(lambda new, old: torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old),
-                           state)
+        return rows_where(mask, fresh, state)
 
     @staticmethod
     def detach_state(state: TensorDict) -> TensorDict:
