@@ -106,6 +106,20 @@ def test_time_budget_ends_a_phase_early_and_completes(dataset, tmp_path):
     assert (tmp_path / "run" / "model.pt").exists()
 
 
+def test_objects_stage_position_supervision(dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(dataset, **{"eval.enabled": False, "stages.objects.steps": 2, "log_every": 1,
+                           "stages.objects.position_weight": 1.0, "stages.objects.teacher_position": True})
+    result = train(cfg, stage="objects", run_dir=tmp_path / "run", log=lambda m: None)
+    assert result.completed and len(result.losses) == 2
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    position_loss = [e.value for e in events.Scalars("loss/objects_position")]
+    assert len(position_loss) == 2 and all(v > 0 for v in position_loss)
+
+
 def test_all_stages_write_every_output(dataset, tmp_path):
     from locis_rl.model import LociS
 

@@ -139,6 +139,13 @@ class ObjectsStageConfig(StageBudget):
     mask_weight: float = 1.0
     rgb_weight: float = 1.0
     depth_weight: float = 1.0
+    position_weight: float = 0.0
+    """Weight of a regression of the encoder's ``(x, y, size)`` to the object's mask centroid and
+    std (0: the position is learnt only through the mask loss, as in the paper)."""
+    teacher_position: bool = False
+    """Decode from the object's true ``(x, y, size)`` (with the encoder's priority) instead of the
+    encoder's estimate, so the decoder learns masks while localisation is still poor; use with
+    ``position_weight`` > 0, which then teaches the encoder where objects are."""
     lr_scale: float = 1.0
     """Learning rate of this stage = ``optim.lr * lr_scale``."""
 

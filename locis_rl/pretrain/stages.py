@@ -27,6 +27,7 @@ from torch import nn
 
 from locis_rl.model.blocks import gaussian_heatmap
 from locis_rl.model.depth_input import scene_relative_depth
+from locis_rl.model.slot_assignment import positions_from_masks
 from locis_rl.pretrain.config import TrainConfig
 from locis_rl.pretrain.data import Batch
 
@@ -253,10 +254,12 @@ class ObjectsStage(StageModule):
                                       model=self.model, position=position)
         prior = rgb.new_zeros(n, cfg.gestalt_dim)
         pos, gestalt = self.model.encoder(inputs, prior)
-        dec = self.model.decoder(pos, gestalt)
         weight = valid.to(rgb.dtype)
         m = target.unsqueeze(1).to(rgb.dtype)
         denom_rows = weight.sum().clamp_min(1.0)
+        true_pos = positions_from_masks(m, valid.unsqueeze(1)).squeeze(1)  # [N,4] centroid, std
+        decode_pos = torch.cat([true_pos[:, :3], pos[:, 3:]], dim=1) if c.teacher_position else pos
+        dec = self.model.decoder(decode_pos, gestalt)
         bce = F.binary_cross_entropy_with_logits(dec["mask_logits"].float(), m, reduction="none")
         if c.balanced_mask_loss:  # objects cover a few % of the image: weigh object and rest equally
             fg_bce = (bce * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3)).clamp_min(1.0)
@@ -270,6 +273,11 @@ class ObjectsStage(StageModule):
         rgb_loss = (rgb_err * weight).sum() / denom_rows
         loss = c.mask_weight * mask_loss + c.rgb_weight * rgb_loss
         logs = {"loss/objects_mask_bce": mask_loss.detach(), "loss/objects_rgb": rgb_loss.detach()}
+        if c.position_weight > 0:
+            pos_err = (pos[:, :3].float() - true_pos[:, :3]).pow(2).sum(dim=1)
+            position_loss = (pos_err * weight).sum() / denom_rows
+            loss = loss + c.position_weight * position_loss
+            logs["loss/objects_position"] = position_loss.detach()
         tdepth = target_depth(depth)
         if tdepth is not None:
             d_err = ((dec["depth"].float() - tdepth).pow(2) * m).sum(dim=(1, 2, 3)) / area
@@ -312,7 +320,6 @@ def perturbed_positions(mask: torch.Tensor, valid: torch.Tensor, noise: float, s
     The centroid moves by ``noise * size * N(0, 1)`` per axis; if the moved point falls outside the
     mask, a pixel of the mask is drawn uniformly instead. ``size`` gets a log-normal factor.
     """
-    from locis_rl.model.slot_assignment import positions_from_masks
 
     n, h, w = mask.shape
     dev = mask.device
