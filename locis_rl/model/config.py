@@ -29,6 +29,7 @@ __all__ = [
     "AssignmentConfig",
     "LociSConfig",
     "ConfigError",
+    "PresetConfig",
     "config_search_dirs",
     "apply_overrides",
 ]
@@ -170,8 +171,49 @@ class AssignmentConfig:
     """A slot whose visible mask stays below this total mass ratio is released (``presence`` 0)."""
 
 
+class PresetConfig:
+    """(De)serialisation shared by the model configs (dataclasses with a ``validate`` method).
+
+    Subclasses name their preset files with ``find_preset(name) -> Path``.
+    """
+
+    def validate(self):  # pragma: no cover - every subclass defines its own checks
+        return self
+
+    @staticmethod
+    def find_preset(name: str) -> Path:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Build from a (possibly partial) nested dict; unknown keys raise :class:`ConfigError`."""
+        return apply_overrides(cls(), data).validate()
+
+    @classmethod
+    def preset(cls, name: str):
+        """Load a preset: a name of :meth:`find_preset` or a path to a ``.yaml`` file.
+
+        Raises:
+            ConfigError: the preset does not exist (the message lists those that do).
+        """
+        path = Path(name)
+        if not (path.suffix in (".yaml", ".yml") and path.exists()):
+            path = cls.find_preset(name)
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        data = data.get("model", data)
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any):
+        """A copy with nested overrides, e.g. ``cfg.replace(use_depth=True, assignment={"mode": "rnd"})``."""
+        return apply_overrides(self, changes).validate()
+
+
 @dataclass
-class LociSConfig:
+class LociSConfig(PresetConfig):
     """Whole-model configuration. Derived sizes are properties, never stored twice."""
 
     image_size: int = 256
@@ -237,32 +279,10 @@ class LociSConfig:
             raise ConfigError("background.vit_dim must be divisible by background.vit_heads")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LociSConfig":
-        """Build from a (possibly partial) nested dict; unknown keys raise :class:`ConfigError`."""
-        return apply_overrides(cls(), data).validate()
-
-    @classmethod
-    def preset(cls, name: str) -> "LociSConfig":
-        """Load a preset: a name in ``configs/model/`` (``tiny``, ``small``, ``paper``) or a path.
-
-        Raises:
-            ConfigError: the preset does not exist (the message lists those that do).
-        """
-        path = Path(name)
-        if not (path.suffix in (".yaml", ".yml") and path.exists()):
-            path = _find_preset(name)
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        data = data.get("model", data)
-        return cls.from_dict(data)
-
-    def replace(self, **changes: Any) -> "LociSConfig":
-        """A copy with nested overrides, e.g. ``cfg.replace(use_depth=True, assignment={"mode": "rnd"})``."""
-        return apply_overrides(self, changes).validate()
+    @staticmethod
+    def find_preset(name: str) -> Path:
+        """``configs/model/<name>.yaml`` (``tiny``, ``small``, ``paper``)."""
+        return _find_preset(name)
 
 
 def config_search_dirs() -> list[Path]:

@@ -15,14 +15,11 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
-from locis_rl.model.config import ConfigError, apply_overrides, config_search_dirs
+from locis_rl.model.config import ConfigError, PresetConfig, apply_overrides, config_search_dirs
 
 __all__ = [
     "CONDITIONING_MODES",
@@ -109,7 +106,7 @@ class SAViInitializerConfig:
 
 
 @dataclass
-class SAViConfig:
+class SAViConfig(PresetConfig):
     """Whole-model configuration of the SAVi baseline."""
 
     image_size: int = 64
@@ -198,33 +195,10 @@ class SAViConfig:
             raise ConfigError("corrector.iterations and corrector.first_frame_iterations must be >= 1")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SAViConfig":
-        """Build from a (possibly partial) nested dict; unknown keys raise :class:`ConfigError`."""
-        return apply_overrides(cls(), data).validate()
-
-    @classmethod
-    def preset(cls, name: str) -> "SAViConfig":
-        """Load a preset: ``"tiny"`` / ``"small"`` (= ``configs/model/savi-<name>.yaml``), the full
-        file stem (``"savi-tiny"``) or a path to a ``.yaml`` file.
-
-        Raises:
-            ConfigError: the preset does not exist (the message lists those that do).
-        """
-        path = Path(name)
-        if not (path.suffix in (".yaml", ".yml") and path.exists()):
-            path = _find_savi_preset(name)
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        data = data.get("model", data)
-        return cls.from_dict(data)
-
-    def replace(self, **changes: Any) -> "SAViConfig":
-        """A copy with nested overrides, e.g. ``cfg.replace(conditioning="boxes", decoder={...})``."""
-        return apply_overrides(self, changes).validate()
+    @staticmethod
+    def find_preset(name: str) -> Path:
+        """``configs/model/savi-<name>.yaml`` (``"tiny"``, ``"small"``) or the full stem."""
+        return _find_savi_preset(name)
 
 
 def _find_savi_preset(name: str) -> Path:
@@ -238,11 +212,3 @@ def _find_savi_preset(name: str) -> Path:
         found += sorted(p.stem for p in (root / "model").glob("savi-*.yaml"))
     raise ConfigError(f"unknown SAVi preset {name!r}; available: {sorted(set(found))} "
                       f"(or pass a path to a .yaml file)")
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
