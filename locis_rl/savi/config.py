@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from locis_rl.model.config import ConfigError, PresetConfig, apply_overrides, config_search_dirs
+from locis_rl.model.config import ConfigError, PresetConfig, config_search_dirs
 
 __all__ = [
     "CONDITIONING_MODES",
