@@ -54,7 +54,7 @@ from locis_rl.model.slot_assignment import (
 from locis_rl.model.transition import SlotTransition
 
 __all__ = ["LociS", "CheckpointError", "FORMAT_VERSION", "CHECKPOINT_FORMAT", "DEFAULT_CHECKPOINT",
-           "MODES", "row_uniform", "rows_where"]
+           "MODES", "row_uniform", "rows_where", "validate_step_inputs"]
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default.pt"
 """Where ``LociS.from_pretrained("default")`` looks (inside the installed package)."""
@@ -189,6 +189,69 @@ def rows_where(mask: torch.Tensor, a: TensorDict, b: TensorDict) -> TensorDict:
     return a.apply(pick, b)
 
 
+def validate_step_inputs(cfg: Any, rgb: Any, depth: Any, state: TensorDict | None, *,
+                         check_values: bool = True, state_key: str = "initialized") -> None:
+    """Clear errors for bad ``step`` inputs of a slot model (LociS, SAVi).
+
+    Args:
+        cfg: the model config (``image_size``, ``use_depth``).
+        rgb ``[B,3,S,S]`` float in [0, 1]; depth ``[B,1,S,S]`` or None; state from ``init_state``.
+        check_values: also check values (NaN / range), which costs one host sync.
+        state_key: a key every state of this model holds (tells a foreign TensorDict apart).
+    """
+    s = cfg.image_size
+    if not isinstance(rgb, torch.Tensor):
+        raise TypeError(f"rgb: expected a torch.Tensor [B,3,{s},{s}], actual type: {type(rgb).__name__}")
+    if rgb.dtype == torch.uint8:
+        raise TypeError("rgb: expected a float tensor in [0, 1], actual dtype: torch.uint8; "
+                        "convert with rgb.float() / 255")
+    if not rgb.is_floating_point():
+        raise TypeError(f"rgb: expected a float tensor in [0, 1], actual dtype: {rgb.dtype}")
+    if rgb.dim() != 4 or rgb.shape[1] != 3:
+        raise ValueError(f"rgb: expected shape [B, 3, {s}, {s}] (channels first), actual shape: "
+                         f"{tuple(rgb.shape)}")
+    if rgb.shape[-2:] != (s, s):
+        raise ValueError(f"rgb: expected {s}x{s} images (config.image_size), actual size: "
+                         f"{rgb.shape[-2]}x{rgb.shape[-1]}; resize the observations or pick "
+                         f"another preset")
+    b = rgb.shape[0]
+    if cfg.use_depth and depth is None:
+        raise ValueError("depth: this model has config.use_depth=True and needs depth [B, 1, H, W] "
+                         "(raw metric depth) at every step")
+    if depth is not None:
+        if not isinstance(depth, torch.Tensor):
+            raise TypeError(f"depth: expected a torch.Tensor [B,1,{s},{s}], actual type: "
+                            f"{type(depth).__name__}")
+        if depth.shape != (b, 1, s, s):
+            raise ValueError(f"depth: expected shape [{b}, 1, {s}, {s}], actual shape: "
+                             f"{tuple(depth.shape)}")
+    if state is not None:
+        if not isinstance(state, TensorDict) or state_key not in state.keys():
+            raise TypeError(f"state: expected a TensorDict from this model's init_state, actual: "
+                            f"{type(state).__name__}")
+        if state.device is not None and state.device.type != rgb.device.type:
+            raise ValueError(f"state is on {state.device} but rgb on {rgb.device}; move one of them "
+                             f"(state.to(device) / rgb.to(device))")
+        if state.batch_size[0] != b:
+            raise ValueError(f"state: batch size {state.batch_size[0]} does not match rgb batch "
+                             f"size {b}")
+    if check_values:
+        finite = torch.isfinite(rgb).all()
+        true = torch.ones((), dtype=torch.bool, device=rgb.device)
+        in_range = (rgb.amin() >= 0) & (rgb.amax() <= 1) if rgb.numel() else true
+        ok_depth = true
+        if depth is not None and depth.is_floating_point():
+            ok_depth = ~torch.isnan(depth).any()
+        flags = torch.stack([finite, in_range, ok_depth]).cpu().tolist()
+        if not flags[0]:
+            raise ValueError("rgb: contains NaN or inf values")
+        if not flags[1]:
+            raise ValueError(f"rgb: expected values in [0, 1], actual range: "
+                             f"[{rgb.amin().item():.4g}, {rgb.amax().item():.4g}]; divide by 255?")
+        if not flags[2]:
+            raise ValueError("depth: contains NaN values (use +inf or 0 for invalid pixels)")
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -321,58 +384,7 @@ class LociS(nn.Module):
 
     # ---- input validation ---------------------------------------------------------------------
     def _validate(self, rgb: Any, depth: Any, state: TensorDict | None) -> None:
-        cfg = self.config
-        s = cfg.image_size
-        if not isinstance(rgb, torch.Tensor):
-            raise TypeError(f"rgb: expected a torch.Tensor [B,3,{s},{s}], actual type: {type(rgb).__name__}")
-        if rgb.dtype == torch.uint8:
-            raise TypeError("rgb: expected a float tensor in [0, 1], actual dtype: torch.uint8; "
-                            "convert with rgb.float() / 255")
-        if not rgb.is_floating_point():
-            raise TypeError(f"rgb: expected a float tensor in [0, 1], actual dtype: {rgb.dtype}")
-        if rgb.dim() != 4 or rgb.shape[1] != 3:
-            raise ValueError(f"rgb: expected shape [B, 3, {s}, {s}] (channels first), actual shape: "
-                             f"{tuple(rgb.shape)}")
-        if rgb.shape[-2:] != (s, s):
-            raise ValueError(f"rgb: expected {s}x{s} images (config.image_size), actual size: "
-                             f"{rgb.shape[-2]}x{rgb.shape[-1]}; resize the observations or pick "
-                             f"another preset")
-        b = rgb.shape[0]
-        if cfg.use_depth and depth is None:
-            raise ValueError("depth: this model has config.use_depth=True and needs depth [B, 1, H, W] "
-                             "(raw metric depth) at every step")
-        if depth is not None:
-            if not isinstance(depth, torch.Tensor):
-                raise TypeError(f"depth: expected a torch.Tensor [B,1,{s},{s}], actual type: "
-                                f"{type(depth).__name__}")
-            if depth.shape != (b, 1, s, s):
-                raise ValueError(f"depth: expected shape [{b}, 1, {s}, {s}], actual shape: "
-                                 f"{tuple(depth.shape)}")
-        if state is not None:
-            if not isinstance(state, TensorDict):
-                raise TypeError(f"state: expected a TensorDict from init_state, actual type: "
-                                f"{type(state).__name__}")
-            if state.device is not None and state.device.type != rgb.device.type:
-                raise ValueError(f"state is on {state.device} but rgb on {rgb.device}; move one of them "
-                                 f"(state.to(device) / rgb.to(device))")
-            if state.batch_size[0] != b:
-                raise ValueError(f"state: batch size {state.batch_size[0]} does not match rgb batch "
-                                 f"size {b}")
-        if self.check_inputs:
-            finite = torch.isfinite(rgb).all()
-            true = torch.ones((), dtype=torch.bool, device=rgb.device)
-            in_range = (rgb.amin() >= 0) & (rgb.amax() <= 1) if rgb.numel() else true
-            ok_depth = true
-            if depth is not None and depth.is_floating_point():
-                ok_depth = ~torch.isnan(depth).any()
-            flags = torch.stack([finite, in_range, ok_depth]).cpu().tolist()
-            if not flags[0]:
-                raise ValueError("rgb: contains NaN or inf values")
-            if not flags[1]:
-                raise ValueError(f"rgb: expected values in [0, 1], actual range: "
-                                 f"[{rgb.amin().item():.4g}, {rgb.amax().item():.4g}]; divide by 255?")
-            if not flags[2]:
-                raise ValueError("depth: contains NaN values (use +inf or 0 for invalid pixels)")
+        validate_step_inputs(self.config, rgb, depth, state, check_values=self.check_inputs)
 
     # ---- building blocks of a step ------------------------------------------------------------
     def _encoder_inputs(self, rgb: torch.Tensor, error: torch.Tensor, background_mask: torch.Tensor,

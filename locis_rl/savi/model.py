@@ -38,7 +38,7 @@ from torch import nn
 
 from locis_rl.model.depth_input import scene_relative_depth
 from locis_rl.model.checkpoint_io import CheckpointError, load_model_checkpoint, save_model_checkpoint
-from locis_rl.model.locis import row_uniform, rows_where
+from locis_rl.model.locis import row_uniform, rows_where, validate_step_inputs
 from locis_rl.savi.config import SAViConfig
 
 __all__ = [
@@ -379,44 +379,7 @@ class SAVi(nn.Module):
 
     # ---- input validation ---------------------------------------------------------------------
     def _validate(self, rgb: Any, depth: Any, state: TensorDict | None) -> None:
-        cfg = self.config
-        s = cfg.image_size
-        if not isinstance(rgb, torch.Tensor):
-            raise TypeError(f"rgb: expected a torch.Tensor [B,3,{s},{s}], actual type: {type(rgb).__name__}")
-        if not rgb.is_floating_point():
-            hint = "; convert with rgb.float() / 255" if rgb.dtype == torch.uint8 else ""
-            raise TypeError(f"rgb: expected a float tensor in [0, 1], actual dtype: {rgb.dtype}{hint}")
-        if rgb.dim() != 4 or rgb.shape[1] != 3 or rgb.shape[-2:] != (s, s):
-            raise ValueError(f"rgb: expected shape [B, 3, {s}, {s}] (channels first, config.image_size "
-                             f"{s}), actual shape: {tuple(rgb.shape)}")
-        b = rgb.shape[0]
-        if cfg.use_depth and depth is None:
-            raise ValueError("depth: this model has config.use_depth=True and needs depth [B, 1, H, W] "
-                             "(raw metric depth) at every step")
-        if depth is not None:
-            if not isinstance(depth, torch.Tensor):
-                raise TypeError(f"depth: expected a torch.Tensor [B,1,{s},{s}], actual type: "
-                                f"{type(depth).__name__}")
-            if depth.shape != (b, 1, s, s):
-                raise ValueError(f"depth: expected shape [{b}, 1, {s}, {s}], actual shape: {tuple(depth.shape)}")
-        if state is not None:
-            if not isinstance(state, TensorDict) or "slots" not in state.keys():
-                raise TypeError(f"state: expected a TensorDict from SAVi.init_state, actual: "
-                                f"{type(state).__name__}")
-            if state.batch_size[0] != b:
-                raise ValueError(f"state: batch size {state.batch_size[0]} does not match rgb batch size {b}")
-        if self.check_inputs:
-            flags = torch.stack([torch.isfinite(rgb).all(),
-                                 (rgb.amin() >= 0) & (rgb.amax() <= 1) if rgb.numel() else torch.tensor(True),
-                                 ~torch.isnan(depth).any() if depth is not None and depth.is_floating_point()
-                                 else torch.tensor(True, device=rgb.device)]).cpu().tolist()
-            if not flags[0]:
-                raise ValueError("rgb: contains NaN or inf values")
-            if not flags[1]:
-                raise ValueError(f"rgb: expected values in [0, 1], actual range: [{rgb.amin().item():.4g}, "
-                                 f"{rgb.amax().item():.4g}]; divide by 255?")
-            if not flags[2]:
-                raise ValueError("depth: contains NaN values (use +inf or 0 for invalid pixels)")
+        validate_step_inputs(self.config, rgb, depth, state, check_values=self.check_inputs, state_key="slots")
 
     # ---- building blocks of a step ------------------------------------------------------------
     def _conditioning_coordinates(self, conditioning: dict[str, Any] | None, b: int, first: torch.Tensor,
