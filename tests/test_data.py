@@ -60,7 +60,7 @@ def _run_in_tmp(tmp_path, monkeypatch):
 
 def _cli(tmp_path, *args):
     cmd = [sys.executable, "-m", "locis_rl.data.generate", "--no-progress", *args]
-    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
 
 
 def _load(path):

@@ -258,7 +258,7 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
            "-m", "locis_rl.pretrain", "--stage", "full", "--data", str(dataset), "--run-dir", str(run),
            *_cli_args(overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     for rank in (0, 1):

@@ -193,7 +193,7 @@ def test_cli_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "locis_rl.probe", "--checkpoint", "tiny", "--env-kwargs", "level=a",
          "--episodes", "2", "--frames", "2", "--no-control", "--threads", "1", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr
     assert "| tiny (random) | linear |" in proc.stdout
     report = json.loads(out.read_text())
