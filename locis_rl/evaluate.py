@@ -3,7 +3,8 @@
 Usage::
 
     python -m locis_rl.evaluate --checkpoint runs/quickstart-.../model.pt --data data/val.h5 \\
-        --mode rnd --mode reg --mode seg [--json metrics.json] [--out vis/] [--max-sequences 16]
+        --mode rnd --mode reg --mode seg [--json metrics.json] [--out vis/] [--max-sequences 16] \\
+        [--num-slots 10] [--override assignment.warmup_inference=5]
     python -m locis_rl.evaluate --checkpoint runs/savi-quickstart-.../model.pt --data data/val.h5
 
 SAVi checkpoints (``SAVi.save_pretrained``, or a run of ``python -m locis_rl.pretrain --model
@@ -16,6 +17,12 @@ background slot: every pixel belongs to some slot.
 ``--checkpoint`` takes a file from ``LociS.save_pretrained``, ``default`` (the shipped model), a
 training run directory (its ``model.pt``, else its ``checkpoint.pt``) or a training
 ``checkpoint.pt``. ``--mode`` may be repeated (or given several values); default: all three.
+
+``--num-slots K`` runs a Loci-s checkpoint with ``K`` slots instead of the number it was trained
+with (e.g. more slots for scenes with more objects); ``--override KEY=VALUE`` (repeatable) changes
+other inference-time fields such as ``assignment.warmup_inference``. Only fields that size no
+parameter are allowed (:data:`locis_rl.model.config.INFERENCE_OVERRIDE_KEYS`); the weights load
+unchanged. The JSON then records them under ``"overrides"``.
 
 What is measured (per slot-assignment mode, ``rnd`` / ``reg`` / ``seg``, section 3.6)
 ------------------------------------------------------------------------------------
@@ -48,7 +55,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -72,11 +79,25 @@ def labels_from_masks(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(idx == k, torch.zeros_like(idx), idx + 1)
 
 
-def load_model(checkpoint: str | os.PathLike, map_location: Any = "cpu"):
+def load_model(checkpoint: str | os.PathLike, map_location: Any = "cpu",
+               overrides: Mapping[str, Any] | None = None):
     """A :class:`LociS` from a model file, ``default``, a run directory or a training checkpoint;
-    a :class:`~locis_rl.savi.SAVi` when the file / run holds one."""
-    from locis_rl.model import LociS
+    a :class:`~locis_rl.savi.SAVi` when the file / run holds one.
 
+    Args:
+        overrides: Loci-s only: inference-time config changes, e.g. ``{"num_slots": 10}`` (keys:
+            :data:`~locis_rl.model.config.INFERENCE_OVERRIDE_KEYS`; see
+            :meth:`LociS.from_pretrained`). The weights load unchanged.
+
+    Raises:
+        FileNotFoundError: nothing to load there.
+        ValueError: ``overrides`` with a SAVi checkpoint; ``ConfigError`` (a ``ValueError``) for a
+            disallowed key or value; ``CheckpointError`` for a broken file.
+    """
+    from locis_rl.model import LociS
+    from locis_rl.model.config import apply_inference_overrides, inference_overrides
+
+    flat = inference_overrides(overrides)
     path = Path(checkpoint) if str(checkpoint) != "default" else None
     if path is not None and path.is_dir():
         if (path / "model.pt").exists():
@@ -92,24 +113,33 @@ def load_model(checkpoint: str | os.PathLike, map_location: Any = "cpu"):
             head = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - let from_pretrained produce its own error message
             head = None
-        if isinstance(head, dict) and head.get("model") == "SAVi":
+        savi_file = isinstance(head, dict) and head.get("model") == "SAVi"
+        train_file = isinstance(head, dict) and head.get("format") == TRAIN_FORMAT
+        if train_file:
+            ckpt = load_train_checkpoint(path)
+            savi_file = ckpt["config"].get("model_family", "locis") == "savi"
+        if savi_file and flat:
+            raise ValueError(f"{path}: holds a SAVi model; config overrides ({sorted(flat)}) apply to "
+                             f"Loci-s checkpoints only")
+        if savi_file and not train_file:
             from locis_rl.savi import SAVi
 
             return SAVi.from_pretrained(path, map_location=map_location)
-        if isinstance(head, dict) and head.get("format") == TRAIN_FORMAT:
-            ckpt = load_train_checkpoint(path)
+        if train_file:
             from locis_rl.model import LociSConfig
 
-            if ckpt["config"].get("model_family", "locis") == "savi":
+            if savi_file:
                 from locis_rl.savi import SAVi, SAViConfig
 
                 model = SAVi(SAViConfig.from_dict(ckpt["config"]["model"]))
                 model.load_state_dict(ckpt["model"])
                 return model.to(map_location)
-            model = LociS(LociSConfig.from_dict(ckpt["config"]["model"]))
+            config = apply_inference_overrides(LociSConfig.from_dict(ckpt["config"]["model"]), flat)
+            model = LociS(config)
             model.load_state_dict(ckpt["model"])
             return model.to(map_location)
-    return LociS.from_pretrained("default" if path is None else path, map_location=map_location)
+    return LociS.from_pretrained("default" if path is None else path, map_location=map_location,
+                                 overrides=flat)
 
 
 def _as_dataset(dataset_or_path: Any, image_size: int):
@@ -344,6 +374,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         choices=["unconditional-learned", "unconditional-sampled", "boxes", "centers"],
                         help="SAVi only; default (and only possible value): the model's config. "
                              "boxes / centers use the ground-truth first-frame boxes / centres")
+    parser.add_argument("--num-slots", type=int, default=None, metavar="K",
+                        help="Loci-s only: run the checkpoint with K slots instead of its trained number "
+                             "(every slot module is shared across slots, so the weights load unchanged)")
+    parser.add_argument("--override", action="append", default=None, metavar="KEY=VALUE",
+                        help="Loci-s only, repeatable: an inference-time config change of the checkpoint, "
+                             "e.g. assignment.mode=reg or assignment.warmup_inference=5 (allowed keys: "
+                             "locis_rl.model.config.INFERENCE_OVERRIDE_KEYS)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--out", help="directory for PNG / GIF visualisations")
     parser.add_argument("--visualize", type=int, default=2, help="sequences visualised per mode (with --out)")
@@ -359,7 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not os.path.exists(p):
                 raise FileNotFoundError(f"data file {p!r} does not exist; create one with "
                                         f"`python -m locis_rl.data.generate --env locis/MultiObject-v0 --out {p}`")
-        model = load_model(args.checkpoint, map_location=args.device)
+        from locis_rl.model.config import inference_overrides
+        from locis_rl.pretrain.config import parse_overrides
+
+        overrides = inference_overrides(parse_overrides(args.override), num_slots=args.num_slots)
+        model = load_model(args.checkpoint, map_location=args.device, overrides=overrides)
         if _is_savi(model) and args.mode:
             raise ValueError("--mode: SAVi has no slot-assignment modes (rnd / reg / seg); it is evaluated "
                              "once (see --conditioning)")
@@ -370,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results["checkpoint"] = str(args.checkpoint)
+    if overrides:
+        results["overrides"] = overrides
     results["data"] = [str(p) for p in args.data]
     print(format_table(results))
     if args.json:

@@ -61,6 +61,57 @@ def test_missing_checkpoint_and_data_are_clear_errors(dataset, tmp_path, capsys)
     assert "x.h5" in capsys.readouterr().err
 
 
+def test_cli_num_slots_and_overrides_reach_the_model(dataset, tmp_path, capsys, monkeypatch):
+    import locis_rl.evaluate as evaluate
+    from locis_rl.model import LociS, LociSConfig
+
+    cfg = LociSConfig.preset("tiny").replace(assignment={"warmup_inference": 1})
+    ckpt = LociS(cfg).save_pretrained(tmp_path / "model.pt")
+    seen = {}
+
+    def spy(model, *args, **kwargs):
+        seen["num_slots"], seen["warmup"] = model.config.num_slots, model.config.assignment.warmup_inference
+        return evaluate_model(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", spy)
+    out_json = tmp_path / "m.json"
+    rc = main(["--checkpoint", str(ckpt), "--data", str(dataset), "--mode", "rnd", "--max-sequences", "1",
+               "--num-slots", "9", "--override", "assignment.warmup_inference=2", "--json", str(out_json)])
+    assert rc == 0
+    assert seen == {"num_slots": 9, "warmup": 2}
+    res = json.loads(out_json.read_text())
+    assert res["overrides"] == {"num_slots": 9, "assignment.warmup_inference": 2}
+    assert math.isfinite(res["modes"]["rnd"]["FG-ARI"])
+    capsys.readouterr()
+    assert main(["--checkpoint", str(ckpt), "--data", str(dataset), "--override", "gestalt_size=64"]) == 2
+    err = capsys.readouterr().err
+    assert "'gestalt_size' cannot be overridden" in err and "num_slots" in err
+    assert main(["--checkpoint", str(ckpt), "--data", str(dataset), "--override", "num_slots"]) == 2
+    assert "key=value" in capsys.readouterr().err
+
+
+def test_load_model_overrides_for_training_checkpoints_and_not_for_savi(tmp_path):
+    from locis_rl.evaluate import load_model
+    from locis_rl.model import LociS, LociSConfig
+    from locis_rl.pretrain.checkpointing import save_train_checkpoint
+    from locis_rl.savi import SAVi, SAViConfig
+
+    model = LociS(LociSConfig.preset("tiny"))
+    train_ckpt = save_train_checkpoint(tmp_path / "run" / "checkpoint.pt", {
+        "config": {"model_family": "locis", "model": model.config.to_dict()}, "phases": [], "phase_index": 0,
+        "step": 0, "model": model.state_dict()})
+    loaded = load_model(tmp_path / "run", overrides={"num_slots": 8})
+    assert loaded.config.num_slots == 8
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    with pytest.raises(ValueError, match="image_size"):
+        load_model(train_ckpt, overrides={"image_size": 128})
+    savi = SAVi(SAViConfig.preset("tiny")).save_pretrained(tmp_path / "savi.pt")
+    with pytest.raises(ValueError, match="SAVi.*Loci-s checkpoints only"):
+        load_model(savi, overrides={"num_slots": 8})
+    assert isinstance(load_model(savi), SAVi)
+
+
 def test_labels_from_masks_background_is_zero():
     masks = torch.zeros(1, 3, 2, 2)  # K = 2 slots + background (last)
     masks[0, 2] = 1.0

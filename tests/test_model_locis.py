@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from locis_rl.model import CheckpointError, LociS, LociSConfig
+from locis_rl.model import INFERENCE_OVERRIDE_KEYS, CheckpointError, ConfigError, LociS, LociSConfig
 from locis_rl.model.background import background_reconstruction_loss, uncertainty_loss
 from locis_rl.model.locis import FORMAT_VERSION, row_uniform
 from locis_rl.model.proposals import proposal_loss
@@ -243,6 +243,95 @@ def test_checkpoint_errors(tiny_model, tmp_path):
     torch.save(raw, tmp_path / "nokeys.pt")
     with pytest.raises(CheckpointError, match="missing the keys.*state_dict"):
         LociS.from_pretrained(tmp_path / "nokeys.pt")
+
+
+# ---- inference-time config overrides --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_model, tmp_path_factory):
+    return tiny_model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "model.pt")
+
+
+def _changed_value(cfg: LociSConfig, key: str):
+    """A valid value of ``key`` that differs from ``cfg``'s."""
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    if isinstance(obj, str):
+        return "rnd" if obj != "rnd" else "reg"
+    if isinstance(obj, int):
+        return obj + 3
+    return obj * 0.5
+
+
+def _assert_weights_equal(model: LociS, path) -> None:
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    own = model.state_dict()
+    assert own.keys() == saved.keys()
+    for key, value in own.items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_num_slots_override_runs_k_slots_with_the_saved_weights(tiny_model, tiny_checkpoint):
+    overrides = {"num_slots": 9, "assignment.mode": "rnd"}
+    loaded = LociS.from_pretrained(tiny_checkpoint, overrides=overrides).eval()
+    cfg = loaded.config
+    assert cfg.num_slots == 9 and cfg.assignment.mode == "rnd"
+    assert cfg.replace(num_slots=tiny_model.config.num_slots, assignment={"mode": "seg"}) == tiny_model.config
+    _assert_weights_equal(loaded, tiny_checkpoint)
+    rgb = frames(2, cfg.image_size, seed=4)[0]
+    with torch.no_grad():
+        out, state = loaded.step(rgb, state=loaded.init_state(2, seed=0))
+        out, state = loaded.step(rgb, state=state)
+    for key, shape in expected_shapes(cfg, 2).items():
+        assert tuple(out[key].shape) == shape, key
+    for key, shape in state_shapes(loaded, 2).items():
+        assert tuple(state[key].shape) == shape, key
+    # nested keys, and the expected config is the one after the overrides
+    nested = LociS.from_pretrained(tiny_checkpoint, config=cfg,
+                                   overrides={"num_slots": 9, "assignment": {"mode": "rnd"}})
+    assert nested.config == cfg
+
+
+@pytest.mark.parametrize("key", INFERENCE_OVERRIDE_KEYS)
+def test_every_inference_override_key_loads_the_weights_strictly(tiny_model, tiny_checkpoint, key):
+    value = _changed_value(tiny_model.config, key)
+    loaded = LociS.from_pretrained(tiny_checkpoint, overrides={key: value})  # strict load_state_dict
+    obj = loaded.config
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    assert obj == value
+    _assert_weights_equal(loaded, tiny_checkpoint)
+    # the same by hand: a model built with the override takes the saved state_dict strictly
+    head, _, rest = key.partition(".")
+    strict = LociS(tiny_model.config.replace(**{head: {rest: value} if rest else value}))
+    strict.load_state_dict(torch.load(tiny_checkpoint, weights_only=True)["state_dict"], strict=True)
+
+
+def test_max_instances_changes_parameter_shapes_so_it_is_not_an_override():
+    cfg = LociSConfig.preset("tiny")
+    with torch.device("meta"):
+        a = LociS(cfg).state_dict()
+        b = LociS(cfg.replace(proposals={"max_instances": cfg.proposals.max_instances + 4})).state_dict()
+    assert a["proposals.hyper.4.weight"].shape != b["proposals.hyper.4.weight"].shape
+    assert "proposals.max_instances" not in INFERENCE_OVERRIDE_KEYS
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"gestalt_size": 64}, r"'gestalt_size' cannot be overridden .*parameter shapes.*allowed .*'num_slots'"),
+    ({"image_size": 128}, r"'image_size' cannot be overridden .*'assignment.mode'"),
+    ({"proposals": {"max_instances": 12}}, r"'proposals.max_instances' cannot be overridden"),
+    ({"num_slot": 8}, r"unknown config key 'num_slot'.*allowed .*'num_slots'"),
+    ({"num_slots": 0}, r"num_slots must be >= 1"),
+    ({"assignment.mode": "grid"}, r"assignment.mode: expected 'rnd', 'reg' or 'seg'"),
+])
+def test_disallowed_overrides_are_clear_errors(tiny_checkpoint, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        LociS.from_pretrained(tiny_checkpoint, overrides=overrides)
+
+
+def test_override_keys_are_checked_before_the_file_is_read(tmp_path):
+    with pytest.raises(ConfigError, match="gestalt_size"):
+        LociS.from_pretrained(tmp_path / "missing.pt", overrides={"gestalt_size": 64})
 
 
 # ---- paper sizes ----------------------------------------------------------------------------------

@@ -166,6 +166,25 @@ def test_model_argument_errors():
         SlotPerception(42)
 
 
+def test_perception_num_slots_override_sets_k_of_features_and_space(model, tmp_path):
+    path = model.save_pretrained(tmp_path / "tiny.pt")
+    k = model.config.num_slots + 3
+    p = SlotPerception(path, num_envs=2, device="cpu", seed=0, num_slots=k,
+                       model_overrides={"assignment.warmup_inference": 1})
+    assert p.num_slots == k and p.model.config.num_slots == k
+    assert p.model.config.assignment.warmup_inference == 1
+    assert p.features_space(2)["gestalt"].shape == (2, k, p.gestalt_dim)
+    assert p.features_space(flatten=True).shape == (k * (p.gestalt_dim + 6),)
+    frames = np.random.default_rng(4).integers(0, 255, (2, IMAGE, IMAGE, 3), dtype=np.uint8)
+    assert p.features_space(2).contains(p.reset(frames))
+    with pytest.raises(ValueError, match="instance"):
+        SlotPerception(model, device="cpu", num_slots=k)
+    with pytest.raises(ValueError, match="'gestalt_size' cannot be overridden"):
+        SlotPerception(path, device="cpu", model_overrides={"gestalt_size": 8})
+    with pytest.raises(ValueError, match="given twice"):
+        SlotPerception(path, device="cpu", num_slots=k, model_overrides={"num_slots": k + 1})
+
+
 def test_draw_slots_marks_positions():
     rgb = torch.zeros(1, 3, 16, 16)
     masks = torch.zeros(1, 3, 16, 16)

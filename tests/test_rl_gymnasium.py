@@ -35,6 +35,23 @@ def test_wrapper_dict_obs_space_and_render(model):
     assert frame.shape == (IMAGE, IMAGE, 3) and frame.dtype == np.uint8
 
 
+def test_wrappers_with_num_slots_have_the_matching_space(model, tmp_path):
+    path = model.save_pretrained(tmp_path / "tiny.pt")
+    k = model.config.num_slots + 2
+    env = LociSWrapper(FakePixelEnv(), model=path, device="cpu", num_slots=k,
+                       model_overrides={"assignment.warmup_inference": 1})
+    assert env.num_slots == k and env.observation_space["gestalt"].shape == (k, env.gestalt_dim)
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs) and obs["presence"].shape == (k,)
+    venv = SyncVectorEnv([lambda: FakePixelEnv() for _ in range(2)])
+    vec = LociSVectorWrapper(venv, model=path, device="cpu", flatten=True, num_slots=k,
+                             model_overrides={"assignment.warmup_inference": 1})
+    assert vec.single_observation_space.shape == (k * (vec.gestalt_dim + 6),)
+    assert vec.observation_space.shape == (2, k * (vec.gestalt_dim + 6))
+    obs, _ = vec.reset(seed=0)
+    assert vec.observation_space.contains(obs)
+
+
 def test_wrapper_flatten_and_image_obs(model):
     env = LociSWrapper(FakePixelEnv(obs_kind="image"), model=model, device="cpu", flatten=True)
     assert isinstance(env.observation_space, gym.spaces.Box)

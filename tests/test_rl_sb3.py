@@ -84,6 +84,17 @@ def test_slot_set_extractor_permutation_invariant_and_all_absent(model):
     torch.testing.assert_close(extractor(changed)[2], out[2])
 
 
+def test_vec_wrapper_num_slots_override_space(model, tmp_path):
+    path = model.save_pretrained(tmp_path / "tiny.pt")
+    k = model.config.num_slots + 2
+    venv = _venv(path, num_slots=k, model_overrides={"assignment.warmup_inference": 1})
+    assert venv.num_slots == k and venv.observation_space["gestalt"].shape == (k, venv.gestalt_dim)
+    obs = venv.reset()
+    assert obs["gestalt"].shape == (len(LENGTHS), k, venv.gestalt_dim)
+    assert all(venv.observation_space.contains({key: v[i] for key, v in obs.items()})
+               for i in range(len(LENGTHS)))
+
+
 def test_slot_set_extractor_flat_box(model):
     env = LociSWrapper(FakePixelEnv(), model=model, device="cpu", flatten=True)
     with pytest.raises(ValueError, match="num_slots"):

@@ -41,6 +41,20 @@ def test_single_env_specs_and_rollout(model):
     assert ("locis", "hidden") in td.keys(True)
 
 
+def test_transform_num_slots_override_specs(model, tmp_path):
+    path = model.save_pretrained(tmp_path / "tiny.pt")
+    k = model.config.num_slots + 2
+    transform = LociSTransform(path, device="cpu", seed=0, num_slots=k,
+                               model_overrides={"assignment.warmup_inference": 1})
+    env = TransformedEnv(GymWrapper(FakePixelEnv(episode_length=20)), transform)
+    g = transform.perception.gestalt_dim
+    assert env.observation_spec["slot_gestalt"].shape == (k, g)
+    assert env.observation_spec["slot_presence"].shape == (k,)
+    assert env.observation_spec["locis", "position"].shape == (k, 4)
+    td = env.reset()
+    assert td["slot_gestalt"].shape == (k, g) and td["locis", "hidden"].shape[0] == k
+
+
 def test_batched_env_specs(model):
     env = _serial(model, seed=0)
     check_env_specs(env)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from locis_rl.model.background import BackgroundExtractor, BackgroundModule, UncertaintyNet
 from locis_rl.model.config import (
+    INFERENCE_OVERRIDE_KEYS,
     AssignmentConfig,
     BackgroundConfig,
     ConfigError,
@@ -32,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "FORMAT_VERSION",
     "ConfigError",
+    "INFERENCE_OVERRIDE_KEYS",
     "EncoderConfig",
     "DecoderConfig",
     "PerceptGateConfig",

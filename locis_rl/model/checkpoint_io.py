@@ -74,8 +74,8 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def load_model_checkpoint(path: Path, *, model_name: str, config_from_dict: Callable[[dict], Any],
                           build: Callable[[Any], nn.Module], expected_config: Any = None,
-                          map_location: Any = "cpu", wrong_model_hints: dict[str, str] | None = None
-                          ) -> nn.Module:
+                          map_location: Any = "cpu", wrong_model_hints: dict[str, str] | None = None,
+                          adjust_config: Callable[[Any], Any] | None = None) -> nn.Module:
     """Read, check and build a model from a checkpoint written by :func:`save_model_checkpoint`.
 
     Args:
@@ -83,8 +83,12 @@ def load_model_checkpoint(path: Path, *, model_name: str, config_from_dict: Call
         model_name: the ``"model"`` entry this loader accepts.
         config_from_dict: the config class's ``from_dict``.
         build: makes an untrained model from a config.
-        expected_config: when given, every config field must equal the checkpoint's.
+        expected_config: when given, every config field must equal the checkpoint's (after
+            ``adjust_config``).
         wrong_model_hints: extra advice per foreign ``"model"`` entry (e.g. which loader to use).
+        adjust_config: maps the checkpoint's config to the one the model is built with
+            (inference-time overrides, e.g. :func:`locis_rl.model.config.apply_inference_overrides`);
+            the weights must still fit it exactly. Its errors (``ConfigError``) propagate.
 
     Raises:
         CheckpointError: foreign file, wrong ``format_version`` or model, missing keys, config or
@@ -114,6 +118,8 @@ def load_model_checkpoint(path: Path, *, model_name: str, config_from_dict: Call
         saved = config_from_dict(ckpt["config"])
     except ValueError as exc:
         raise CheckpointError(f"{path}: invalid config in checkpoint: {exc}") from exc
+    if adjust_config is not None:
+        saved = adjust_config(saved)
     if expected_config is not None:
         a, e = _flatten(saved.to_dict()), _flatten(expected_config.to_dict())
         diffs = [f"config.{key}: checkpoint {a.get(key)!r}, expected {e.get(key)!r}"

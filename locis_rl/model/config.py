@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +33,39 @@ __all__ = [
     "PresetConfig",
     "config_search_dirs",
     "apply_overrides",
+    "INFERENCE_OVERRIDE_KEYS",
+    "inference_overrides",
+    "apply_inference_overrides",
 ]
 
 AssignmentMode = Literal["rnd", "reg", "seg"]
+
+INFERENCE_OVERRIDE_KEYS: tuple[str, ...] = (
+    "num_slots",
+    "assignment.mode",
+    "assignment.warmup_train",
+    "assignment.warmup_inference",
+    "assignment.initial_size",
+    "assignment.reg_distance",
+    "assignment.reg_correlation",
+    "assignment.reg_drop_probability",
+    "assignment.new_object_fraction",
+    "assignment.presence_threshold",
+    "proposals.score_threshold",
+    "proposals.min_instance_pixels",
+)
+"""The config fields a loaded checkpoint may change (``LociS.from_pretrained(path, overrides=...)``).
+
+None of them sizes a parameter: every slot module (encoder, percept gate, transition with slot
+self-attention, decoder) is shared across slots, so ``num_slots`` only sets ``K`` of the state and
+outputs; the ``assignment.*`` fields and the proposal thresholds are read at run time. Not here, as
+they change parameter shapes: ``image_size`` (the background ViT's positional embeddings),
+``use_depth`` (input channels), ``gestalt_size`` and every other width or depth, and
+``proposals.max_instances`` (it sizes the proposal hypernetwork's output layer). Shape-free fields
+that only matter in training (noise, loss weights) or that the weights were trained for
+(``decoder.occlusion_temperature``) are left out on purpose. ``tests/test_model_locis.py`` loads a
+checkpoint strictly with each of these keys overridden.
+"""
 
 
 class ConfigError(ValueError):
@@ -370,3 +401,75 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
     if isinstance(current, str) and not isinstance(value, str):
         raise ConfigError(f"{name}: expected a string, actual value: {value!r}")
     return value
+
+
+def _flatten_keys(changes: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections to dotted keys: ``{"assignment": {"mode": "reg"}}`` -> ``{"assignment.mode": ...}``."""
+    out: dict[str, Any] = {}
+    for key, value in changes.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _is_config_key(key: str) -> bool:
+    obj: Any = LociSConfig()
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            return False
+        obj = getattr(obj, part)
+    return not dataclasses.is_dataclass(obj)
+
+
+def inference_overrides(overrides: Mapping[str, Any] | None = None, *,
+                        num_slots: int | None = None) -> dict[str, Any]:
+    """Check inference-time overrides of a loaded checkpoint's config; return them as dotted keys.
+
+    Args:
+        overrides: dotted (``{"assignment.mode": "reg"}``) or nested (``{"assignment": {"mode":
+            "reg"}}``) keys; every key must be in :data:`INFERENCE_OVERRIDE_KEYS`.
+        num_slots: shorthand for ``overrides["num_slots"]`` (``None``: not overridden).
+
+    Returns:
+        ``{dotted key: value}`` (empty when there is nothing to override). Values are checked when
+        applied (:func:`apply_inference_overrides`).
+
+    Raises:
+        ConfigError: an unknown key, a key that may not change on a trained model (the message
+            lists the allowed ones), or ``num_slots`` given twice with different values.
+    """
+    flat = _flatten_keys(dict(overrides or {}))
+    if num_slots is not None:
+        if "num_slots" in flat and flat["num_slots"] != num_slots:
+            raise ConfigError(f"num_slots is given twice with different values: {num_slots!r} and "
+                              f"overrides['num_slots'] = {flat['num_slots']!r}")
+        flat["num_slots"] = num_slots
+    for key in flat:
+        if key in INFERENCE_OVERRIDE_KEYS:
+            continue
+        allowed = f"allowed inference-time keys: {list(INFERENCE_OVERRIDE_KEYS)}"
+        if not _is_config_key(key):
+            raise ConfigError(f"unknown config key {key!r} in the overrides of a loaded checkpoint; {allowed}")
+        raise ConfigError(f"{key!r} cannot be overridden on a loaded checkpoint: it changes parameter "
+                          f"shapes or what the weights were trained for; {allowed}")
+    return flat
+
+
+def apply_inference_overrides(config: LociSConfig, overrides: Mapping[str, Any] | None = None, *,
+                              num_slots: int | None = None) -> LociSConfig:
+    """``config`` with inference-time overrides applied (see :func:`inference_overrides`).
+
+    Example:
+        >>> cfg = apply_inference_overrides(LociSConfig.preset("tiny"), {"assignment.mode": "reg"},
+        ...                                 num_slots=10)
+        >>> cfg.num_slots, cfg.assignment.mode
+        (10, 'reg')
+
+    Raises:
+        ConfigError: a disallowed key (see :func:`inference_overrides`) or a bad value
+            (e.g. ``num_slots=0``).
+    """
+    flat = inference_overrides(overrides, num_slots=num_slots)
+    return apply_overrides(config, flat).validate() if flat else config

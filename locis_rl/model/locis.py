@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from locis_rl.model.background import BackgroundModule
 from locis_rl.model.blocks import gaussian_heatmap
 from locis_rl.model.checkpoint_io import (CHECKPOINT_FORMAT, FORMAT_VERSION, CheckpointError,
                                           load_model_checkpoint, save_model_checkpoint)
-from locis_rl.model.config import AssignmentConfig, LociSConfig
+from locis_rl.model.config import (AssignmentConfig, LociSConfig, apply_inference_overrides,
+                                   inference_overrides)
 from locis_rl.model.decoder import CascadedDecoder
 from locis_rl.model.depth_input import scene_relative_depth
 from locis_rl.model.encoder import HyperConvNeXtEncoder
@@ -761,20 +763,37 @@ class LociS(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike = "default", map_location: Any = "cpu", *,
-                        config: LociSConfig | str | None = None) -> "LociS":
+                        config: LociSConfig | str | None = None,
+                        overrides: Mapping[str, Any] | None = None) -> "LociS":
         """Load a checkpoint written by :meth:`save_pretrained`.
 
         Args:
             path: a file, or ``"default"`` (``locis_rl/checkpoints/default.pt`` in the package).
             map_location: passed to ``torch.load``.
-            config: expected config; every field must equal the checkpoint's (else
-                :class:`CheckpointError`). ``None``: the checkpoint's own config.
+            config: expected config; every field must equal the config the model is built with
+                (the checkpoint's, after ``overrides``), else :class:`CheckpointError`.
+                ``None``: the checkpoint's own config (after ``overrides``).
+            overrides: inference-time changes of the checkpoint's config, dotted or nested keys,
+                e.g. ``{"num_slots": 10, "assignment.mode": "reg"}``. Only the fields of
+                :data:`~locis_rl.model.config.INFERENCE_OVERRIDE_KEYS` are allowed: none of them
+                changes a parameter shape, so the weights load unchanged. ``num_slots`` sets ``K``
+                of the state and outputs (``position [B,K,4]``, ``masks [B,K+1,H,W]``, ...): every
+                slot module is shared across slots, so a 6-slot model can run with 10 slots on
+                busier scenes (how well depends on the scenes it was trained on).
+
+        Example:
+            >>> model = LociS.from_pretrained("model.pt", overrides={"num_slots": 10})  # doctest: +SKIP
+            >>> model.init_state(1)["position"].shape  # doctest: +SKIP
+            torch.Size([1, 10, 4])
 
         Raises:
             FileNotFoundError: no such file (the message says how to train one).
             CheckpointError: foreign file, wrong ``format_version``, missing keys, config or
                 parameter shape mismatches (named in the message).
+            ConfigError: an override key that is unknown or may not change (the message lists the
+                allowed keys), or a bad override value (e.g. ``num_slots=0``).
         """
+        flat = inference_overrides(overrides)  # checked before the file is read
         path = DEFAULT_CHECKPOINT if str(path) == "default" else Path(path)
         if not path.exists():
             raise FileNotFoundError(
@@ -784,7 +803,8 @@ class LociS(nn.Module):
         return load_model_checkpoint(
             path, model_name="LociS", config_from_dict=LociSConfig.from_dict, build=cls,
             expected_config=expected, map_location=map_location,
-            wrong_model_hints={"SAVi": "; load it with locis_rl.savi.SAVi.from_pretrained"})
+            wrong_model_hints={"SAVi": "; load it with locis_rl.savi.SAVi.from_pretrained"},
+            adjust_config=(lambda saved: apply_inference_overrides(saved, flat)) if flat else None)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -15,6 +15,7 @@ Frames of another size than the model's ``image_size`` are resized on the model'
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -101,10 +102,15 @@ class LociSWrapper(gym.Wrapper):
         flatten: one flat float32 ``Box (K * (G + 6),)`` instead of the ``Dict`` of features.
         rgb_key / depth_key: keys of a Dict observation (``rgb_key=None``: ``"rgb"`` or ``"pixels"``).
         seed: seed of the slot-state stream when ``reset`` gets no seed (None: OS entropy).
+        num_slots: for a model given by name / path: run it with ``K = num_slots`` slots instead of
+            its trained number (e.g. more slots for busier scenes; the weights load unchanged).
+        model_overrides: for a model given by name / path: other inference-time config changes,
+            e.g. ``{"assignment.warmup_inference": 5}`` (see :meth:`LociS.from_pretrained`).
 
     Observation space: ``Dict(gestalt (K, G), position (K, 4), depth (K, 1), presence (K,))``, all
-    float32. ``render()`` returns the model's input frame (``S x S``) with the slot masks as a
-    coloured overlay and the slot positions as crosses.
+    float32, with ``K`` the loaded model's (after ``num_slots``). ``render()`` returns the model's
+    input frame (``S x S``) with the slot masks as a coloured overlay and the slot positions as
+    crosses.
 
     Example:
         >>> import gymnasium as gym, envs
@@ -119,9 +125,11 @@ class LociSWrapper(gym.Wrapper):
 
     def __init__(self, env: gym.Env, model: Any = "default", *, device: str = "auto",
                  mode: str | None = "seg", flatten: bool = False, rgb_key: str | None = None,
-                 depth_key: str | None = "depth", seed: int | None = None):
+                 depth_key: str | None = "depth", seed: int | None = None, num_slots: int | None = None,
+                 model_overrides: Mapping[str, Any] | None = None):
         super().__init__(env)
-        self.perception = SlotPerception(model, num_envs=1, device=device, mode=mode, seed=seed)
+        self.perception = SlotPerception(model, num_envs=1, device=device, mode=mode, seed=seed,
+                                         num_slots=num_slots, model_overrides=model_overrides)
         self.source = image_source(env.observation_space, env.render_mode, rgb_key, depth_key,
                                    self.perception.use_depth)
         self.flatten = bool(flatten)
@@ -190,10 +198,11 @@ class LociSVectorWrapper(VectorWrapper):
 
     def __init__(self, env: VectorEnv, model: Any = "default", *, device: str = "auto",
                  mode: str | None = "seg", flatten: bool = False, rgb_key: str | None = None,
-                 depth_key: str | None = "depth", seed: int | None = None):
+                 depth_key: str | None = "depth", seed: int | None = None, num_slots: int | None = None,
+                 model_overrides: Mapping[str, Any] | None = None):
         super().__init__(env)
         self.perception = SlotPerception(model, num_envs=env.num_envs, device=device, mode=mode,
-                                         seed=seed)
+                                         seed=seed, num_slots=num_slots, model_overrides=model_overrides)
         self.source = image_source(env.single_observation_space, env.render_mode, rgb_key, depth_key,
                                    self.perception.use_depth, what="vector env")
         mode_ = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)

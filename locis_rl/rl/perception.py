@@ -72,21 +72,33 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_model(model: Any = "default") -> torch.nn.Module:
+def load_model(model: Any = "default", overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """A slot model (Loci-s, or SAVi) from an instance, ``"default"``, a checkpoint or run directory.
+
+    Args:
+        overrides: inference-time config changes of a Loci-s model given by name / path, e.g.
+            ``{"num_slots": 10}`` (see :meth:`LociS.from_pretrained`). The spaces of the adapters
+            follow the loaded model's config, so they have the overridden ``K``.
 
     Raises:
         FileNotFoundError: no checkpoint exists there (the message says how to get a model).
         TypeError: ``model`` is neither a module nor a name / path.
+        ValueError: ``overrides`` with a model instance or a SAVi checkpoint; a disallowed key
+            (``ConfigError``).
     """
     if isinstance(model, torch.nn.Module):
+        if overrides:
+            raise ValueError(
+                f"num_slots / model_overrides ({sorted(overrides)}) apply to a model given by name or "
+                "path; this model is an instance: build it with the config you want, e.g. "
+                "LociS.from_pretrained(path, overrides={'num_slots': 10})")
         module = model
     elif isinstance(model, (str, os.PathLike)):
         # evaluate's loader also reads run directories, training checkpoints and SAVi files
         from locis_rl.evaluate import load_model as load_checkpoint
 
         try:
-            module = load_checkpoint(model)
+            module = load_checkpoint(model, overrides=overrides)
         except FileNotFoundError as exc:
             raise FileNotFoundError(
                 f"no Loci-s checkpoint found for model={model!r} ({exc}). Train one and pass its path, "
@@ -259,17 +271,28 @@ class SlotPerception:
             or None for the model's default).
         seed: base seed; row ``i`` uses stream ``seed + i`` until reset with another seed.
             None draws one from OS entropy.
+        num_slots: for a model given by name / path: run it with this many slots ``K`` instead of
+            its trained number (the weights load unchanged; see :meth:`LociS.from_pretrained`).
+            None: the checkpoint's.
+        model_overrides: for a model given by name / path: other inference-time config changes,
+            e.g. ``{"assignment.warmup_inference": 5}`` (keys:
+            :data:`~locis_rl.model.config.INFERENCE_OVERRIDE_KEYS`).
 
     Frames: ``[N, H, W, 3]`` / ``[N, 3, H, W]``, uint8 or float in [0, 1], resized to the model's
     ``image_size`` if needed. Depth: ``[N, H, W, 1]`` metric, required iff ``config.use_depth``.
+    ``num_slots`` / ``features_space`` follow the loaded model's config (after the overrides).
     """
 
     def __init__(self, model: Any = "default", *, num_envs: int = 1, device: str | torch.device = "auto",
-                 mode: str | None = "seg", seed: int | None = None):
+                 mode: str | None = "seg", seed: int | None = None, num_slots: int | None = None,
+                 model_overrides: Mapping[str, Any] | None = None):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs: expected a positive int, actual value: {num_envs!r}")
+        from locis_rl.model.config import inference_overrides
+
+        overrides = inference_overrides(model_overrides, num_slots=num_slots)
         self.device = resolve_device(device)
-        self.model = load_model(model).to(self.device).eval()
+        self.model = load_model(model, overrides).to(self.device).eval()
         self.model.requires_grad_(False)
         config = self.model.config
         self.num_slots = int(config.num_slots)

@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -41,16 +42,18 @@ class LociSVecEnvWrapper(VecEnvWrapper):
             ``rgb`` / ``pixels`` and optional ``depth``), or with ``render_mode="rgb_array"``
             (frames from ``get_images()``; then there is no terminal frame and
             ``terminal_observation`` is left as the raw observation).
-        model, device, mode, flatten, rgb_key, depth_key: as :class:`~locis_rl.rl.LociSWrapper`.
+        model, device, mode, flatten, rgb_key, depth_key, num_slots, model_overrides: as
+            :class:`~locis_rl.rl.LociSWrapper` (the observation space has the effective ``K``).
         seed: base seed of the slot-state streams (row ``i`` uses ``seed + i``); :meth:`seed`
             sets it too, as it seeds the envs.
     """
 
     def __init__(self, venv: VecEnv, model: Any = "default", *, device: str = "auto",
                  mode: str | None = "seg", flatten: bool = False, rgb_key: str | None = None,
-                 depth_key: str | None = "depth", seed: int | None = None):
+                 depth_key: str | None = "depth", seed: int | None = None, num_slots: int | None = None,
+                 model_overrides: Mapping[str, Any] | None = None):
         self.perception = SlotPerception(model, num_envs=venv.num_envs, device=device, mode=mode,
-                                         seed=seed)
+                                         seed=seed, num_slots=num_slots, model_overrides=model_overrides)
         render_mode = getattr(venv, "render_mode", None)
         self.source = image_source(venv.observation_space, render_mode, rgb_key, depth_key,
                                    self.perception.use_depth, what="VecEnv")

@@ -33,7 +33,7 @@ Example:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,16 +68,20 @@ class LociSTransform(Transform):
             device.
         mode: slot-assignment mode for the model.
         seed: base seed of the per-row slot seed streams (row ``i``: ``seed + i``); None: entropy.
+        num_slots, model_overrides: for a model given by name / path: inference-time config changes
+            (as :class:`~locis_rl.rl.LociSWrapper`); the specs have the effective ``K``.
     """
 
     def __init__(self, model: Any = "default", *, rgb_key: str | None = None, depth_key: str = "depth",
                  out_keys: Sequence[str] = DEFAULT_OUT_KEYS, state_key: str = "locis",
-                 device: str | torch.device = "auto", mode: str | None = "seg", seed: int | None = None):
+                 device: str | torch.device = "auto", mode: str | None = "seg", seed: int | None = None,
+                 num_slots: int | None = None, model_overrides: Mapping[str, Any] | None = None):
         if len(out_keys) != 4:
             raise ValueError(f"out_keys: expected 4 keys (gestalt, position, depth, presence), actual "
                              f"value: {out_keys!r}")
         super().__init__(in_keys=[rgb_key or _RGB_KEYS[0]], out_keys=list(out_keys))
-        self.perception = SlotPerception(model, num_envs=1, device=device, mode=mode, seed=seed)
+        self.perception = SlotPerception(model, num_envs=1, device=device, mode=mode, seed=seed,
+                                         num_slots=num_slots, model_overrides=model_overrides)
         self._seed = seed
         self._rgb_key_given = rgb_key is not None
         self.rgb_key = rgb_key or _RGB_KEYS[0]
