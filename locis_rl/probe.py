@@ -32,9 +32,10 @@ Method
    episode index.
 4. **Probes.** The episodes are split into train / held-out test episodes (``test_fraction``, at
    least one each), so frames of one episode never sit on both sides. Regression targets use
-   ``StandardScaler`` + ``RidgeCV`` (linear) or a ``MLPRegressor`` with one hidden layer of 64
-   units, early stopping and a fixed ``random_state`` (mlp; targets standardised too). The shape
-   uses ``StandardScaler`` + ``LogisticRegression`` / ``MLPClassifier``. Reported on the held-out
+   ``RidgeCV`` (linear) or a ``MLPRegressor`` with one hidden layer of 64 units, early stopping and
+   a fixed ``random_state`` (mlp; targets standardised too); the shape uses ``LogisticRegression`` /
+   ``MLPClassifier``. Features first lose their near-constant dimensions, then are standardised
+   and clipped to +-10 (saturated Gestalt dimensions would otherwise explode on test samples). Reported on the held-out
    episodes: R^2 per target (``1 - SSE / SST`` per output dimension as ``r2_score``, averaged over the
    dimensions whose test variance is not ~0) and shape accuracy with its chance level (accuracy of
    always answering the most frequent training shape).
@@ -348,25 +349,44 @@ def _regressor(probe: str, seed: int, n_train: int):
     from sklearn.preprocessing import StandardScaler
 
     if probe == "linear":
-        return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 7)))
+        return make_pipeline(*_feature_scaling(), RidgeCV(alphas=np.logspace(-3, 3, 7)))
     mlp = MLPRegressor(hidden_layer_sizes=(64,), early_stopping=n_train >= 50, max_iter=MLP_MAX_ITER,
                        n_iter_no_change=MLP_PATIENCE, random_state=seed)
-    return TransformedTargetRegressor(regressor=make_pipeline(StandardScaler(), mlp),
+    return TransformedTargetRegressor(regressor=make_pipeline(*_feature_scaling(), mlp),
                                       transformer=StandardScaler())
+
+
+MIN_FEATURE_VARIANCE = 1e-6
+"""Features whose training variance is below this are dropped before standardising."""
+MAX_STANDARDISED = 10.0
+"""Standardised features are clipped to +- this many training standard deviations."""
+
+
+def _feature_scaling() -> list:
+    """Drop near-constant features, standardise, clip.
+
+    Gestalt codes are sigmoids that often saturate: a dimension that sits at ~1e-6 in every
+    training sample but not in a test sample would be standardised to ~1e5 and wreck a linear
+    probe's test R² (measured: -18 with, 0.65 without the Gestalt code, for the same positions).
+    """
+    from sklearn.feature_selection import VarianceThreshold
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+    return [VarianceThreshold(MIN_FEATURE_VARIANCE), StandardScaler(),
+            FunctionTransformer(np.clip, kw_args={"a_min": -MAX_STANDARDISED, "a_max": MAX_STANDARDISED})]
 
 
 def _classifier(probe: str, seed: int, y_train: np.ndarray):
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     if probe == "linear":
-        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        return make_pipeline(*_feature_scaling(), LogisticRegression(max_iter=1000))
     _, counts = np.unique(y_train, return_counts=True)
     # early stopping splits off a stratified validation set: every class needs >= 2 samples
     early = len(y_train) >= 50 and counts.min() >= 2
-    return make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,), early_stopping=early,
+    return make_pipeline(*_feature_scaling(), MLPClassifier(hidden_layer_sizes=(64,), early_stopping=early,
                                                          max_iter=MLP_MAX_ITER, n_iter_no_change=MLP_PATIENCE,
                                                          random_state=seed))
 

@@ -178,11 +178,10 @@ def test_run_probe_tiny_locis_end_to_end():
     assert table.count("\n") == 5 and "position R²" in table and "control (random init)" in table
 
 
-def test_default_checkpoint_missing_message():
-    from locis_rl.model.locis import DEFAULT_CHECKPOINT
+def test_default_checkpoint_missing_message(monkeypatch, tmp_path):
+    import locis_rl.model.locis as locis
 
-    if DEFAULT_CHECKPOINT.exists():
-        pytest.skip("a default checkpoint is installed")
+    monkeypatch.setattr(locis, "DEFAULT_CHECKPOINT", tmp_path / "missing.pt")  # as if none shipped
     with pytest.raises(FileNotFoundError, match="--checkpoint tiny"):
         load_probe_model("default")
 
