@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from locis_rl.atomic_files import write_atomically
+
 __all__ = ["main", "bench_model", "bench_wrapper", "bench_memory", "memory_verdict", "least_squares_slope",
            "process_rss_mb", "SUBCOMMANDS"]
 
@@ -497,19 +499,6 @@ def bench_memory(model: Any, num_envs: int = 8, *, steps: int = 100_000, samples
                            "max_growth_pct": MEMORY_MAX_GROWTH_PCT}}
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_memory_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """``memory.csv``: one line per sample, columns :data:`MEMORY_CSV_COLUMNS`; written atomically."""
     import csv
@@ -522,7 +511,7 @@ def write_memory_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Pat
                 writer.writerow({k: "" if r[k] is None else int(r[k]) if isinstance(r[k], bool) else r[k]
                                  for k in MEMORY_CSV_COLUMNS})
 
-    return _write_atomic(Path(path), write)
+    return write_atomically(Path(path), write)
 
 
 def plot_memory(result: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -554,7 +543,7 @@ def plot_memory(result: dict[str, Any], path: str | os.PathLike) -> Path:
                  f"{result['verdict']}", fontsize=10)
     fig.tight_layout()
     try:
-        return _write_atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        return write_atomically(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)
 

@@ -60,6 +60,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from locis_rl.atomic_files import write_atomically
+
 __all__ = ["evaluate_model", "labels_from_masks", "load_model", "format_table", "main", "METRIC_KEYS",
            "model_step", "savi_label"]
 
@@ -352,13 +354,11 @@ def _json_safe(x: Any) -> Any:
 
 def write_json(results: dict[str, Any], path: str | os.PathLike) -> Path:
     """Atomic JSON write (NaN -> null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(results), f, indent=2)
-    os.replace(tmp, path)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(_json_safe(results), f, indent=2)
+
+    return write_atomically(path, write)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from locis_rl.atomic_files import write_atomically
+
 __all__ = ["palette", "overlay_masks", "decomposition_grid", "save_png", "save_gif", "frame_from_output"]
 
 
@@ -131,21 +133,12 @@ def frame_from_output(out, row: int, rgb: torch.Tensor, depth_display: torch.Ten
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 def save_gif(frames: Sequence[np.ndarray], path: str | os.PathLike, frame_ms: int = 250) -> Path:
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(f) for f in frames]
-    tmp = path.with_name(f".{path.name}.tmp")
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True,
+                                                           append_images=images[1:], duration=frame_ms, loop=0))

@@ -36,6 +36,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import envs  # noqa: F401  (first: registers locis/... and picks headless MuJoCo GL)
@@ -48,6 +49,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecTransposeImage
 from tqdm import tqdm
 
+from locis_rl.atomic_files import write_atomically
 from locis_rl.rl.perception import load_model
 from locis_rl.rl.sb3 import LociSVecEnvWrapper, SlotSetExtractor
 
@@ -405,10 +407,11 @@ def load_results(path: str, settings: dict[str, Any], overwrite: bool) -> dict[s
 
 
 def save_json(results: dict[str, Any], path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+
+    write_atomically(path, write)
 
 
 # ---- command line ----------------------------------------------------------------------------------
