@@ -120,6 +120,20 @@ def test_objects_stage_position_supervision(dataset, tmp_path):
     assert len(position_loss) == 2 and all(v > 0 for v in position_loss)
 
 
+def test_objects_context_phase_trains(dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(dataset, **{"eval.enabled": False, "stages.objects.steps": 1, "log_every": 1,
+                           "stages.objects.context_steps": 2, "stages.objects.context_batch_size": 2,
+                           "stages.objects.context_passes": 2})
+    result = train(cfg, stage="objects", run_dir=tmp_path / "run", log=lambda m: None)
+    assert result.completed and len(result.losses) == 3
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert len(events.Scalars("charts/context_mask_iou_pass2")) == 2
+
+
 def test_all_stages_write_every_output(dataset, tmp_path):
     from locis_rl.model import LociS
 
@@ -156,6 +170,14 @@ def test_resume_matches_uninterrupted_run(dataset, tmp_path):
     stopped = train(_cfg(dataset, **extra, stop_after_steps=3), stage="objects", run_dir=tmp_path / "b",
                     log=lambda m: None)
     assert not stopped.completed and not (tmp_path / "b" / "model.pt").exists()
+    # --export writes the stopped run's weights (checkpoint at step 2) as a loadable model file
+    from locis_rl.model import LociS
+    from locis_rl.pretrain.__main__ import main
+
+    assert main(["--export", str(tmp_path / "b"), str(tmp_path / "export.pt")]) == 0
+    exported = LociS.from_pretrained(tmp_path / "export.pt").state_dict()
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
     # same seed -> same losses
     assert stopped.losses == pytest.approx(full.losses[:3], rel=1e-6, abs=1e-7)
     resumed = train(None, resume=tmp_path / "b", log=lambda m: None)

@@ -9,6 +9,11 @@ Stages (paper sections 3.4-3.6 and 4), selectable with ``--stage`` and chained b
    every slot-specific input nullified except a 2-D Gaussian at a position derived from one
    object's mask (centroid, perturbed but kept inside the mask); the decoder must reproduce that
    object's mask (BCE on the mask logits) and its RGB / depth inside the mask.
+   With ``stages.objects.context_steps > 0`` a second phase, ``objects/context``, follows (not in
+   the paper): up to ``num_slots`` objects of an image at once, through the warm-up passes
+   ``LociS.warmup`` makes, each pass encoding with the masks / RGB / depth the previous one
+   decoded; every pass's visible masks are supervised by the instance masks. It teaches the
+   encoder the slot-context channels the single-object phase leaves at zero.
 3. ``proposal`` - the YOLACT-like proposal network (``proposal_loss``: Hungarian matching on IoU).
 4. ``full`` - Loci-s on video sequences: ``LociS.step`` per frame (the first frame of a sequence
    runs ``model.assignment.warmup_train`` encoder/decoder-only warm-up passes inside ``step``),
@@ -28,6 +33,7 @@ Usage::
     python -m locis_rl.pretrain --preset gpu-long --data a.h5 b.h5 # the long GPU recipe, on your own files
     python -m locis_rl.pretrain --stage objects stages.objects.steps=500 model.num_slots=8
     python -m locis_rl.pretrain --resume runs/quickstart-20260101-120000
+    python -m locis_rl.pretrain --export runs/shipped-full/checkpoint.pt model.pt  # weights of a stopped run
     torchrun --nproc_per_node 4 -m locis_rl.pretrain --preset gpu-long
 
 Videos without segmentation masks

@@ -31,7 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="CHECKPOINT",
                    help="start from these weights (model.pt, a run directory or checkpoint.pt; e.g. for --stage full)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT.pt"),
+                   help="write the model of a training checkpoint.pt (or run directory) as a model file "
+                        "for LociS.from_pretrained / --checkpoint, and exit: the weights of a run that "
+                        "was stopped before its end")
     return p
+
+
+def export_model(checkpoint: str, out: str) -> str:
+    """The model of a training checkpoint (or run directory) saved as a model file; returns its path."""
+    from locis_rl.evaluate import load_model
+
+    return str(load_model(checkpoint).save_pretrained(out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from locis_rl.pretrain.data import DataError
 
     try:
+        if args.export:
+            print(f"wrote {export_model(*args.export)}")
+            return 0
         overrides = parse_overrides(args.overrides)
         family = args.model or ("savi" if args.stage == "savi" else None)
         if family is not None and not args.resume:

@@ -146,6 +146,21 @@ class ObjectsStageConfig(StageBudget):
     """Decode from the object's true ``(x, y, size)`` (with the encoder's priority) instead of the
     encoder's estimate, so the decoder learns masks while localisation is still poor; use with
     ``position_weight`` > 0, which then teaches the encoder where objects are."""
+    context_steps: int = 0
+    """Steps of the ``objects/context`` phase that follows (0: no such phase). It trains the
+    encoder and decoder on up to ``num_slots`` objects of an image at once, through the same
+    warm-up passes ``LociS.warmup`` makes at inference: the first pass sees no slot context, each
+    later one the masks, RGB and depth the previous pass decoded (and, for half the images, the
+    ground-truth object masks where ``seg`` puts its proposals). Every pass's visible masks are
+    supervised by the ground-truth instances. Single-object pretraining never shows the encoder
+    the context channels ``LociS.step`` fills, and slots then slide onto the same object. Not in
+    the paper, which relies on the (long) full stage for this."""
+    context_batch_size: int = 4
+    """Images per step of the context phase (each brings up to ``num_slots`` slots)."""
+    context_passes: int = 3
+    """Encoder-decoder passes per image in the context phase (``assignment.warmup_train``-like)."""
+    context_max_minutes: float = 0.0
+    """Wall-clock budget of the context phase in minutes (0: none)."""
     lr_scale: float = 1.0
     """Learning rate of this stage = ``optim.lr * lr_scale``."""
 
@@ -274,6 +289,10 @@ class TrainConfig:
                     raise ConfigError(f"stages.{stage}.{name} must be >= 0")
         if self.stages.background.uncertainty_steps < 0 or self.stages.background.extractor_steps < 0:
             raise ConfigError("stages.background.*_steps must be >= 0")
+        if self.stages.objects.context_steps < 0 or self.stages.objects.context_batch_size < 1 \
+                or self.stages.objects.context_passes < 1:
+            raise ConfigError("stages.objects: context_steps must be >= 0, context_batch_size and "
+                              "context_passes >= 1")
         if self.stages.full.bptt < 1:
             raise ConfigError(f"stages.full.bptt must be >= 1, actual value: {self.stages.full.bptt}")
         if self.stages.full.seq_len < 2:

@@ -81,7 +81,7 @@ class _Dist:
 
 # model_family=savi: one phase, "savi" (locis_rl/savi/train.py); everything else is shared
 def _phases(cfg: TrainConfig, stage: str) -> list[str]:
-    return savi_train.phases_for(stage) if cfg.model_family == "savi" else phases_for(stage)
+    return savi_train.phases_for(stage) if cfg.model_family == "savi" else phases_for(stage, cfg)
 
 
 def _build_model(cfg: TrainConfig) -> nn.Module:

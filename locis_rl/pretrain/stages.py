@@ -12,6 +12,9 @@ phase                       trains                      loss
 ``background/uncertainty``  ``background.uncertainty``  BCE vs. foreground target (3.4)
 ``background/extractor``    ``background.extractor``    background-only reconstruction (3.4)
 ``objects``                 ``encoder`` + ``decoder``   single-object mask BCE + rgb/depth (3.5)
+``objects/context``         ``encoder`` + ``decoder``   per-slot visible-mask BCE + rgb/depth
+                            (optional, not in the       over warm-up passes with the decoded
+                            paper)                      slot context (:class:`ContextStage`)
 ``proposal``                ``proposals``               :func:`proposal_loss` (3.6)
 ``full``                    all but ``background``,     ``LociS.loss`` over truncated-BPTT
                             ``proposals``               windows + percept-gate L0 (4)
@@ -32,18 +35,25 @@ from locis_rl.pretrain.config import TrainConfig
 from locis_rl.pretrain.data import Batch
 
 __all__ = ["PHASES", "phases_for", "StageModule", "build_stage", "scene_image", "target_depth",
-           "single_object_inputs"]
+           "single_object_inputs", "pick_slot_objects"]
 
-PHASES = ("background/uncertainty", "background/extractor", "objects", "proposal", "full")
+PHASES = ("background/uncertainty", "background/extractor", "objects", "objects/context", "proposal", "full")
 
 
-def phases_for(stage: str) -> list[str]:
-    """Phases of a ``--stage`` value (``all`` = every phase in order)."""
+def phases_for(stage: str, cfg: TrainConfig | None = None) -> list[str]:
+    """Phases of a ``--stage`` value (``all`` = every phase in order).
+
+    With ``cfg``, phases it gives no steps to by design (``objects/context`` without
+    ``stages.objects.context_steps``) are left out, so runs without them keep their phase list.
+    """
     if stage == "all":
-        return list(PHASES)
-    out = [p for p in PHASES if p.split("/")[0] == stage]
+        out = list(PHASES)
+    else:
+        out = [p for p in PHASES if p.split("/")[0] == stage]
     if not out:
         raise ValueError(f"unknown stage {stage!r}; expected background, objects, proposal, full or all")
+    if cfg is None or cfg.stages.objects.context_steps <= 0:
+        out = [p for p in out if p != "objects/context"]
     return out
 
 
@@ -53,6 +63,7 @@ def phase_steps(cfg: TrainConfig, phase: str) -> int:
         "background/uncertainty": s.background.uncertainty_steps,
         "background/extractor": s.background.extractor_steps,
         "objects": s.objects.steps,
+        "objects/context": s.objects.context_steps,
         "proposal": s.proposal.steps,
         "full": s.full.steps,
     }[phase]
@@ -60,6 +71,8 @@ def phase_steps(cfg: TrainConfig, phase: str) -> int:
 
 def phase_max_seconds(cfg: TrainConfig, phase: str) -> float:
     """Wall-clock budget of a phase in seconds (0: none), from its stage's ``max_minutes``."""
+    if phase == "objects/context":
+        return 60.0 * cfg.stages.objects.context_max_minutes
     return 60.0 * getattr(cfg.stages, phase.split("/")[0]).max_minutes
 
 
@@ -73,6 +86,7 @@ def phase_batch_size(cfg: TrainConfig, phase: str) -> int:
         "background/uncertainty": s.background.batch_size,
         "background/extractor": s.background.batch_size,
         "objects": s.objects.batch_size,
+        "objects/context": s.objects.context_batch_size,
         "proposal": s.proposal.batch_size,
         "full": s.full.batch_size,
     }[phase]
@@ -124,6 +138,18 @@ def single_object_inputs(rgb: torch.Tensor, depth: torch.Tensor | None, gaussian
     if use_depth and depth is not None:
         x[:, 12:13] = scene_relative_depth(depth)
     return x
+
+
+def _jitter_mask(mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A decoded-looking version of binary masks ``[N,1,H,W]``: each row dilated, eroded or kept
+    (one pixel, equal odds), then softened by a 3x3 box filter like a decoder's soft edges."""
+    n = mask.shape[0]
+    dilated = F.max_pool2d(mask, 3, stride=1, padding=1)
+    eroded = 1.0 - F.max_pool2d(1.0 - mask, 3, stride=1, padding=1)
+    pick = torch.randint(0, 3, (n,), generator=generator).to(mask.device).view(n, 1, 1, 1)
+    shaped = torch.where(pick == 0, dilated, torch.where(pick == 1, eroded, mask))
+    shaped = torch.where(shaped.sum(dim=(1, 2, 3), keepdim=True) > 0, shaped, mask)  # erosion can empty it
+    return F.avg_pool2d(shaped, 3, stride=1, padding=1, count_include_pad=False)
 
 
 def _first_frame(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -343,6 +369,132 @@ def perturbed_positions(mask: torch.Tensor, valid: torch.Tensor, noise: float, s
     return position
 
 
+def pick_slot_objects(instances: torch.Tensor, num_slots: int, min_pixels: int,
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``num_slots`` random instances per image, one per slot.
+
+    Args: instances ``[N,H,W]`` int ids (0 = background).
+
+    Returns: ``(masks [N,K,H,W] bool, valid [N,K] bool)``; slots beyond an image's objects are
+    invalid with empty masks.
+    """
+    n = instances.shape[0]
+    flat = instances.reshape(n, -1).long().clamp_min(0)
+    num = int(flat.max().item()) + 1 if flat.numel() else 1
+    counts = torch.zeros(n, num, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat))
+    ok = counts >= max(1, min_pixels)
+    ok[:, 0] = False
+    u = torch.rand(ok.shape, generator=generator).to(ok.device)
+    score = torch.where(ok, u, torch.full_like(u, -1.0))
+    k = min(num_slots, num)
+    top, ids = score.topk(k, dim=1)
+    valid = top >= 0
+    if k < num_slots:  # fewer ids in the whole batch than slots
+        pad = num_slots - k
+        ids = torch.cat([ids, ids.new_zeros(n, pad)], dim=1)
+        valid = torch.cat([valid, valid.new_zeros(n, pad)], dim=1)
+    masks = (instances[:, None] == ids[:, :, None, None].to(instances.dtype)) & valid[:, :, None, None]
+    return masks, valid
+
+
+def _balanced_bce(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean of the object-pixel and the other-pixel BCE of probabilities ``[..., H, W]``: ``[...]``."""
+    bce = F.binary_cross_entropy(prob.clamp(1e-6, 1 - 1e-6), target, reduction="none")
+    fg = (bce * target).sum(dim=(-2, -1)) / target.sum(dim=(-2, -1)).clamp_min(1.0)
+    bg = (bce * (1 - target)).sum(dim=(-2, -1)) / (1 - target).sum(dim=(-2, -1)).clamp_min(1.0)
+    return 0.5 * (fg + bg)
+
+
+class ContextStage(StageModule):
+    """Multi-object warm-up training with the decoded slot context (``objects/context``).
+
+    Mirrors :meth:`LociS.warmup` on first frames with ground-truth slot assignment: up to
+    ``num_slots`` objects of an image each get a slot at a perturbed position (section 3.5's
+    perturbation); pass 1 encodes with empty slot context; every later pass encodes with the
+    visible / object masks, RGB and depth the previous pass decoded and composed (detached, as
+    between frames of truncated BPTT), the previous Gestalt code as prior. For half the images
+    the object-mask channel carries the jittered ground-truth mask instead, as ``seg`` mode puts
+    the proposal masks there. The background comes from the trained (frozen) background module.
+
+    Loss per pass (averaged): balanced BCE of each slot's composed *visible* mask against its
+    object's ground-truth mask, RGB (and depth) error inside it, the composite reconstruction,
+    and (``position_weight``) the encoder's position error.
+    """
+
+    phase = "objects/context"
+
+    def trained_modules(self):
+        return [self.model.encoder, self.model.decoder]
+
+    def compute(self, batch: Batch, generator: torch.Generator | None = None, **_: Any):
+        c = self.cfg.stages.objects
+        model = self.model
+        cfg = model.config
+        rgb = batch.rgb[:, 0]
+        depth = _first_frame(batch.depth)
+        n, _, h, w = rgb.shape
+        k, g = cfg.num_slots, cfg.gestalt_dim
+        masks, valid = pick_slot_objects(batch.instances[:, 0], k, c.min_pixels, generator)
+        target = masks.to(rgb.dtype)  # [N,K,H,W]
+        position = perturbed_positions(masks.reshape(n * k, h, w), valid.reshape(-1), c.position_noise,
+                                       c.size_noise, generator).view(n, k, 4)
+        true_pos = positions_from_masks(target, valid)
+        presence = valid.to(rgb.dtype)
+        scene_depth = scene_relative_depth(depth) if cfg.use_depth else None
+        tdepth = target_depth(depth)
+        image = torch.cat([rgb, scene_depth], dim=1) if scene_depth is not None else rgb
+        with torch.no_grad():
+            bg = model.background(image)
+        background_mask = 1.0 - bg["foreground"]
+        proposal_rows = (torch.rand(n, generator=generator) < 0.5).to(rgb.device).view(n, 1, 1, 1)
+        proposal = _jitter_mask(target.reshape(n * k, 1, h, w), generator).view(n, k, h, w) * presence[..., None, None]
+        objects = torch.where(proposal_rows, proposal, torch.zeros_like(proposal))
+        visible = torch.cat([rgb.new_zeros(n, k, h, w), rgb.new_ones(n, 1, h, w)], dim=1)
+        slot_rgb = rgb.new_zeros(n, k, 3, h, w)
+        slot_depth = rgb.new_zeros(n, k, 1, h, w)
+        gestalt = rgb.new_zeros(n, k, g)
+        error = rgb.new_zeros(n, 1, h, w)
+        weight = presence
+        denom = weight.sum().clamp_min(1.0)
+        area = target.sum(dim=(-2, -1)).clamp_min(1.0)
+        total = rgb.new_zeros(())
+        logs: dict[str, torch.Tensor] = {}
+        passes = c.context_passes
+        for it in range(passes):
+            inputs = model._encoder_inputs(rgb, error, background_mask, scene_depth, position, visible,
+                                           objects, slot_rgb, slot_depth)
+            pos_flat, gestalt_flat = model.encoder(inputs, gestalt.reshape(n * k, g))
+            pos, code = pos_flat.view(n, k, 4), gestalt_flat.view(n, k, g)
+            dec = model._decode(pos, code, presence, bg["rgb"], bg["depth"])
+            vis = dec["masks"][:, :k].float()
+            mask_loss = (_balanced_bce(vis, target) * weight).sum() / denom
+            rgb_err = ((dec["slot_rgb"].float() - rgb[:, None]).pow(2).mean(2) * target).sum(dim=(-2, -1)) / area
+            rgb_loss = (rgb_err * weight).sum() / denom
+            recon = F.mse_loss(dec["rgb"].float(), rgb)
+            loss = c.mask_weight * mask_loss + c.rgb_weight * (rgb_loss + recon)
+            if tdepth is not None:
+                d_err = ((dec["slot_depth"][:, :, 0].float() - tdepth).pow(2) * target).sum(dim=(-2, -1)) / area
+                loss = loss + c.depth_weight * (d_err * weight).sum() / denom
+            if c.position_weight > 0:
+                pos_err = (pos[..., :3].float() - true_pos[..., :3]).pow(2).sum(-1)
+                loss = loss + c.position_weight * (pos_err * weight).sum() / denom
+            total = total + loss / passes
+            with torch.no_grad():
+                pm, tm = vis > 0.5, target > 0.5
+                iou = (pm & tm).sum(dim=(-2, -1)) / (pm | tm).sum(dim=(-2, -1)).clamp_min(1)
+                logs[f"charts/context_mask_iou_pass{it + 1}"] = (iou * weight).sum() / denom
+            # the next pass sees what this one decoded, as in LociS.warmup (no gradient across)
+            position, gestalt = pos.detach(), code.detach()
+            visible, slot_rgb, slot_depth = dec["masks"].detach(), dec["slot_rgb"].detach(), dec["slot_depth"].detach()
+            objects = torch.where(proposal_rows, proposal, dec["object_masks"].detach())
+        logs["loss/context_mask_bce"] = mask_loss.detach()
+        logs["loss/context_recon"] = recon.detach()
+        if weight.sum() == 0:
+            total = total * 0.0
+        return total, logs
+
+
 class ProposalStage(StageModule):
     phase = "proposal"
 
@@ -436,6 +588,7 @@ def build_stage(phase: str, model: nn.Module, cfg: TrainConfig) -> StageModule:
         "background/uncertainty": UncertaintyStage,
         "background/extractor": ExtractorStage,
         "objects": ObjectsStage,
+        "objects/context": ContextStage,
         "proposal": ProposalStage,
         "full": FullStage,
     }[phase]
