@@ -29,7 +29,7 @@ Usage::
 
     python -m locis_rl.pretrain                                    # quickstart preset, all stages
     python -m locis_rl.pretrain --preset savi-quickstart           # the SAVi baseline
-    python -m locis_rl.pretrain --preset shipped                   # the shipped model's run (CPU, ~1.5 h)
+    python -m locis_rl.pretrain --preset shipped                   # the shipped model's first run (CPU, ~1.5 h)
     python -m locis_rl.pretrain --preset gpu-long --data a.h5 b.h5 # the long GPU recipe, on your own files
     python -m locis_rl.pretrain --stage objects stages.objects.steps=500 model.num_slots=8
     python -m locis_rl.pretrain --resume runs/quickstart-20260101-120000
