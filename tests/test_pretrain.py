@@ -175,6 +175,9 @@ def test_resume_matches_uninterrupted_run(dataset, tmp_path):
     from locis_rl.pretrain.__main__ import main
 
     assert main(["--export", str(tmp_path / "b"), str(tmp_path / "export.pt")]) == 0
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["--export", str(tmp_path / "junk.pt"), str(tmp_path / "x.pt")]) == 2
+    assert not (tmp_path / "x.pt").exists()
     exported = LociS.from_pretrained(tmp_path / "export.pt").state_dict()
     saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)

@@ -50,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data:  # `--data a.h5 key=value`: nargs="+" swallows the overrides that follow
         args.overrides = [*args.overrides, *[d for d in args.data if "=" in d]]
         args.data = [d for d in args.data if "=" not in d] or None
+    from locis_rl.model.checkpoint_io import CheckpointError
     from locis_rl.model.config import ConfigError
     from locis_rl.pretrain.checkpointing import ResumeError
     from locis_rl.pretrain.config import load_train_config, parse_overrides
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = train(cfg, stage=args.stage, run_dir=args.run_dir, resume=args.resume, init=args.init,
                        overrides=overrides if args.resume else None)
-    except (ConfigError, ResumeError, DataError, FileNotFoundError) as e:
+    except (ConfigError, ResumeError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
