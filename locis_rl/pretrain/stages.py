@@ -322,8 +322,9 @@ class ObjectsStage(StageModule):
         return loss, logs
 
 
-def pick_objects(instances: torch.Tensor, min_pixels: int, generator: torch.Generator | None):
-    """One random instance per image: ``(mask [N,H,W] bool, valid [N] bool)``."""
+def _usable_instances(instances: torch.Tensor, min_pixels: int) -> torch.Tensor:
+    """``[N, max_id + 1]`` bool: which instance ids of each image ``[N,H,W]`` have at least
+    ``min_pixels`` pixels (id 0, the background, never)."""
     n = instances.shape[0]
     flat = instances.reshape(n, -1).long().clamp_min(0)
     num = int(flat.max().item()) + 1 if flat.numel() else 1
@@ -331,6 +332,13 @@ def pick_objects(instances: torch.Tensor, min_pixels: int, generator: torch.Gene
     counts.scatter_add_(1, flat, torch.ones_like(flat))
     ok = counts >= max(1, min_pixels)
     ok[:, 0] = False  # background
+    return ok
+
+
+def pick_objects(instances: torch.Tensor, min_pixels: int, generator: torch.Generator | None):
+    """One random instance per image: ``(mask [N,H,W] bool, valid [N] bool)``."""
+    n = instances.shape[0]
+    ok = _usable_instances(instances, min_pixels)
     valid = ok.any(1)
     probs = ok.float() + (~valid).float().unsqueeze(1) * 1e-6  # rows without objects pick anything
     u = torch.rand(probs.shape, generator=generator, device="cpu").to(probs.device)
@@ -379,12 +387,8 @@ def pick_slot_objects(instances: torch.Tensor, num_slots: int, min_pixels: int,
     invalid with empty masks.
     """
     n = instances.shape[0]
-    flat = instances.reshape(n, -1).long().clamp_min(0)
-    num = int(flat.max().item()) + 1 if flat.numel() else 1
-    counts = torch.zeros(n, num, dtype=torch.long, device=flat.device)
-    counts.scatter_add_(1, flat, torch.ones_like(flat))
-    ok = counts >= max(1, min_pixels)
-    ok[:, 0] = False
+    ok = _usable_instances(instances, min_pixels)
+    num = ok.shape[1]
     u = torch.rand(ok.shape, generator=generator).to(ok.device)
     score = torch.where(ok, u, torch.full_like(u, -1.0))
     k = min(num_slots, num)
@@ -442,7 +446,7 @@ class ContextStage(StageModule):
         true_pos = positions_from_masks(target, valid)
         presence = valid.to(rgb.dtype)
         scene_depth = scene_relative_depth(depth) if cfg.use_depth else None
-        tdepth = target_depth(depth)
+        tdepth = scene_depth if scene_depth is not None else target_depth(depth)
         image = torch.cat([rgb, scene_depth], dim=1) if scene_depth is not None else rgb
         with torch.no_grad():
             bg = model.background(image)
