@@ -64,6 +64,59 @@ def test_compare_smoke_outputs_and_resume(tmp_path, capsys):
         main([*SMOKE[2:], "--timesteps", "64", "--inputs", "state", "--out", str(out_dir)])
 
 
+def test_interrupted_run_resumes_from_its_mid_run_checkpoint(tmp_path, monkeypatch, capsys):
+    """A run killed between rollouts continues from ``partial/``: its curve and step count go on."""
+    from locis_rl.rl import compare
+
+    out_dir = tmp_path / "cmp"
+    # 2 envs x 16 steps: four 32-step rollouts in the 128-step budget, a checkpoint after each
+    argv = [*SMOKE, "--seeds", "3", "--inputs", "state", "--ppo", "n_steps=16", "--eval-every", "32",
+            "--save-every", "32", "--out", str(out_dir)]
+    original = compare.SuccessCurveCallback._on_rollout_start
+
+    def die_after_the_second_checkpoint(self):
+        original(self)
+        if self.num_timesteps >= 64:
+            raise KeyboardInterrupt  # what a killed process leaves behind: only files on disk
+
+    monkeypatch.setattr(compare.SuccessCurveCallback, "_on_rollout_start", die_after_the_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    progress = json.loads((out_dir / "partial" / "state_seed3.json").read_text())
+    assert progress["num_timesteps"] == 64 and progress["steps"] == [0, 32, 64]
+    assert (out_dir / "partial" / "state_seed3.zip").is_file()
+    assert not (out_dir / "results.json").exists() or "state_seed3" not in json.loads(
+        (out_dir / "results.json").read_text())["runs"]
+
+    monkeypatch.setattr(compare.SuccessCurveCallback, "_on_rollout_start", original)
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "1 resumed from a mid-run checkpoint" in out.out
+    assert "resuming at 64 env steps" in out.out + out.err
+    run = json.loads((out_dir / "results.json").read_text())["runs"]["state_seed3"]
+    assert run["num_timesteps"] == 128 and run["resumes"] == 1
+    assert run["steps"] == [0, 32, 64, 96, 128] and run["steps"][:3] == progress["steps"]
+    assert run["success"][:3] == progress["success"]
+    assert run["train_seconds"] >= progress["train_seconds"]
+    assert not (out_dir / "partial" / "state_seed3.zip").exists()  # complete: the mid-run state is gone
+
+
+def test_parallel_invocations_sharing_an_out_folder_keep_each_others_runs(tmp_path):
+    from locis_rl.rl.compare import save_json
+
+    path = str(tmp_path / "results.json")
+    slots = {"version": 1, "settings": {}, "runs": {"slots_seed0": {"final_success": 0.5}}}
+    pixels = {"version": 1, "settings": {}, "runs": {"pixels_seed0": {"final_success": 0.25}}}
+    save_json(slots, path)
+    save_json(pixels, path)  # loaded before slots_seed0 was saved: must not drop it
+    on_disk = json.loads(Path(path).read_text())["runs"]
+    assert on_disk == {"slots_seed0": {"final_success": 0.5}, "pixels_seed0": {"final_success": 0.25}}
+    pixels["runs"]["pixels_seed0"]["final_success"] = 0.75  # its own runs: the newer value wins
+    save_json(pixels, path)
+    assert json.loads(Path(path).read_text())["runs"]["pixels_seed0"]["final_success"] == 0.75
+
+
 def test_compare_missing_checkpoint_gives_the_library_error(tmp_path):
     with pytest.raises(SystemExit, match="no Loci-s checkpoint"):
         main(["--inputs", "slots", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])

@@ -26,6 +26,12 @@ Outputs in ``--out``:
 
 Resuming: runs already completed in ``results.json`` are skipped (their saved models are only
 re-evaluated for distractor counts not measured yet); settings that change training must match.
+A run stopped in the middle (``kill -9``, a session that ended) continues from its last mid-run
+checkpoint, ``partial/<input>_seed<k>.zip`` + ``.json``, written atomically at the first rollout
+boundary after every ``--save-every`` env steps: the policy, its optimiser, the curve so far and the
+wall-clock. It loses at most the steps since that checkpoint. The continuation is not bit-identical to
+an uninterrupted run: the rollout in progress, the env episodes and the sampling RNG start afresh (the
+envs and RNG are re-seeded with ``seed + env steps done``, so no episode sequence is replayed).
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import envs  # noqa: F401  (first: registers locis/... and picks headless MuJoCo GL)
 import gymnasium as gym
@@ -184,15 +190,37 @@ def evaluate_success(agent: PPO, venv: VecEnv, episodes: int, seed: int = EVAL_S
 
 
 class SuccessCurveCallback(BaseCallback):
-    """Success rate at step 0, every ``every`` env steps and of the final policy; a tqdm bar."""
+    """Success rate at step 0, every ``every`` env steps and of the final policy; a tqdm bar;
+    a mid-run checkpoint (``save(self)``) at the first rollout boundary after every ``save_every`` steps.
 
-    def __init__(self, eval_env: VecEnv, every: int, episodes: int, total: int, desc: str):
+    ``progress`` (a :meth:`progress` dict of an interrupted run) continues its curve instead of
+    starting a new one.
+    """
+
+    def __init__(self, eval_env: VecEnv, every: int, episodes: int, total: int, desc: str, *,
+                 save_every: int = 0, save: Callable[["SuccessCurveCallback"], None] | None = None,
+                 progress: dict[str, Any] | None = None):
         super().__init__()
         self.eval_env, self.every, self.episodes = eval_env, every, episodes
-        self.steps: list[int] = []
-        self.success: list[float] = []
-        self.next_eval = 0
+        self.save_every, self.save = save_every, save
+        progress = progress or {}
+        self.steps: list[int] = list(progress.get("steps", []))
+        self.success: list[float] = list(progress.get("success", []))
+        self.next_eval = int(progress.get("next_eval", 0))
+        self.seconds_before = float(progress.get("train_seconds", 0.0))
+        self.resumes = int(progress.get("resumes", -1)) + 1
+        self.start_time = time.time()
+        self.next_save = 0
         self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, mininterval=2.0)
+
+    def progress(self) -> dict[str, Any]:
+        """What a resumed run needs besides the saved policy (JSON-serialisable)."""
+        return {"num_timesteps": int(self.num_timesteps), "steps": self.steps, "success": self.success,
+                "next_eval": self.next_eval, "train_seconds": self.train_seconds(), "resumes": self.resumes}
+
+    def train_seconds(self) -> float:
+        """Wall-clock of training so far, over every resumed part."""
+        return self.seconds_before + time.time() - self.start_time
 
     def evaluate(self) -> None:
         rate = evaluate_success(self.model, self.eval_env, self.episodes)
@@ -206,7 +234,18 @@ class SuccessCurveCallback(BaseCallback):
             self.next_eval += self.every
 
     def _on_training_start(self) -> None:
-        self.evaluate()
+        self.bar.update(self.num_timesteps)
+        self.next_save = self.num_timesteps + self.save_every
+        if self.num_timesteps >= self.next_eval:  # a resumed run has its earlier points already
+            self.evaluate()
+
+    def _on_rollout_start(self) -> None:
+        # Between a policy update and the next rollout nothing is half-done: the saved policy and
+        # optimiser are all a resumed run needs.
+        if self.save is not None and self.save_every > 0 and self.num_timesteps >= self.next_save:
+            self.save(self)
+            while self.next_save <= self.num_timesteps:
+                self.next_save += self.save_every
 
     def _on_step(self) -> bool:
         self.bar.update(self.training_env.num_envs)
@@ -225,30 +264,67 @@ def run_key(input_name: str, seed: int) -> str:
     return f"{input_name}_seed{seed}"
 
 
+def partial_paths(out: str, key: str) -> tuple[str, str]:
+    """Mid-run checkpoint of one run: the policy (``.zip``) and its progress (``.json``)."""
+    return os.path.join(out, "partial", f"{key}.zip"), os.path.join(out, "partial", f"{key}.json")
+
+
+def load_progress(out: str, key: str, timesteps: int) -> dict[str, Any] | None:
+    """The progress of an interrupted run, or ``None`` when it has no (usable) mid-run checkpoint."""
+    policy_path, progress_path = partial_paths(out, key)
+    if not (os.path.exists(policy_path) and os.path.exists(progress_path)):
+        return None
+    with open(progress_path) as f:
+        progress = json.load(f)
+    if not 0 < progress["num_timesteps"] < timesteps:
+        return None
+    return progress
+
+
 def train_run(input_name: str, seed: int, args: argparse.Namespace, ppo: PPOConfig,
               locis: torch.nn.Module | None) -> dict[str, Any]:
-    """Train one (input, seed) and return its entry for ``results.json`` (distractors filled later)."""
+    """Train one (input, seed) and return its entry for ``results.json`` (distractors filled later).
+
+    Continues from the run's mid-run checkpoint when there is one (see the module docstring).
+    """
     key = run_key(input_name, seed)
+    policy_path, progress_path = partial_paths(args.out, key)
+    progress = load_progress(args.out, key, args.timesteps)
+    done = progress["num_timesteps"] if progress else 0
+    # A resumed part gets fresh episodes and sampling noise: the seed moves with the steps done.
+    part_seed = seed + done
     common = dict(num_distractors=args.train_distractors, max_steps=args.max_episode_steps, locis=locis,
                   device=args.device, subproc=args.vec_env == "subproc")
-    train_env = make_venv(input_name, args.num_envs, seed, **common)
+    train_env = make_venv(input_name, args.num_envs, part_seed, **common)
     eval_env = make_venv(input_name, min(args.num_envs, args.eval_episodes), EVAL_SEED, **common)
-    torch.manual_seed(seed)
-    agent = PPO(POLICIES[input_name], train_env, policy_kwargs=policy_kwargs(input_name, ppo),
-                tensorboard_log=os.path.join(args.out, "tb"), seed=seed, device=args.device,
-                verbose=args.verbose, **ppo.sb3_kwargs(args.timesteps, args.num_envs))
-    callback = SuccessCurveCallback(eval_env, args.eval_every, args.eval_episodes, args.timesteps, key)
-    start = time.time()
-    agent.learn(total_timesteps=args.timesteps, callback=callback, tb_log_name=key)
-    seconds = time.time() - start
+    torch.manual_seed(part_seed)
+    if progress:
+        agent = PPO.load(policy_path, env=train_env, device=args.device, seed=part_seed,
+                         tensorboard_log=os.path.join(args.out, "tb"), verbose=args.verbose)
+        agent.num_timesteps = done
+        tqdm.write(f"{key}: resuming at {done} env steps from {policy_path}")
+    else:
+        agent = PPO(POLICIES[input_name], train_env, policy_kwargs=policy_kwargs(input_name, ppo),
+                    tensorboard_log=os.path.join(args.out, "tb"), seed=seed, device=args.device,
+                    verbose=args.verbose, **ppo.sb3_kwargs(args.timesteps, args.num_envs))
+
+    def save_partial(cb: SuccessCurveCallback) -> None:
+        write_atomically(policy_path, lambda tmp: agent.save(tmp))
+        write_atomically(progress_path, lambda tmp: tmp.write_text(json.dumps(cb.progress())))
+
+    callback = SuccessCurveCallback(eval_env, args.eval_every, args.eval_episodes, args.timesteps, key,
+                                    save_every=args.save_every, save=save_partial, progress=progress)
+    agent.learn(total_timesteps=args.timesteps - done, callback=callback, tb_log_name=key,
+                reset_num_timesteps=not progress)
+    seconds = callback.train_seconds()
     model_path = os.path.join(args.out, "models", f"{key}.zip")
-    agent.save(model_path)
+    write_atomically(model_path, lambda tmp: agent.save(tmp))
     train_env.close()
     eval_env.close()
     return {"input": input_name, "seed": seed, "steps": callback.steps, "success": callback.success,
             "final_success": callback.success[-1], "num_timesteps": int(agent.num_timesteps),
             "train_seconds": seconds, "steps_per_second": agent.num_timesteps / seconds,
-            "model": os.path.relpath(model_path, args.out), "distractors": {}}
+            "resumes": callback.resumes, "model": os.path.relpath(model_path, args.out), "distractors": {}}
 
 
 def evaluate_distractors(run: dict[str, Any], counts: list[int], args: argparse.Namespace,
@@ -407,11 +483,27 @@ def load_results(path: str, settings: dict[str, Any], overwrite: bool) -> dict[s
 
 
 def save_json(results: dict[str, Any], path: str) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
+    """Write ``results`` atomically, first merging in runs another invocation saved meanwhile.
 
-    write_atomically(path, write)
+    Several invocations may share one ``--out`` (say, slots seeds in one process, pixels in
+    another): under an exclusive lock the file on disk is re-read and its runs that ``results``
+    does not have are kept, so no process overwrites another's finished runs.
+    """
+    import fcntl
+
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(path):
+            with open(path) as f:
+                on_disk = json.load(f).get("runs", {})
+            for key, run in on_disk.items():
+                results["runs"].setdefault(key, run)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1)
+
+        write_atomically(path, write)
 
 
 # ---- command line ----------------------------------------------------------------------------------
@@ -435,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations "
                    "(default: timesteps / 10)")
     p.add_argument("--eval-episodes", type=int, default=20, help="held-out episodes per evaluation")
+    p.add_argument("--save-every", type=int, default=None, help="env steps between mid-run checkpoints "
+                   "(default: --eval-every; 0: none)")
     p.add_argument("--max-episode-steps", type=int, default=100, help="episode length before truncation")
     p.add_argument("--vec-env", default="dummy", choices=["dummy", "subproc"], help="SB3 VecEnv class")
     p.add_argument("--ppo", nargs="*", default=[], metavar="KEY=VALUE",
@@ -452,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --{name.replace('_', '-')}: expected a positive int, actual value: "
                              f"{getattr(args, name)}")
     args.eval_every = args.eval_every or max(1, args.timesteps // 10)
+    args.save_every = args.eval_every if args.save_every is None else args.save_every
     try:
         ppo = PPOConfig.from_overrides(args.ppo)
     except ValueError as exc:
@@ -475,7 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
     skipped = len(todo) - len(pending)
-    print(f"{len(todo)} runs: {skipped} already in {results_path} (skipped), {len(pending)} to train", flush=True)
+    resumable = sum(load_progress(args.out, run_key(i, s), args.timesteps) is not None for i, s in pending)
+    print(f"{len(todo)} runs: {skipped} already in {results_path} (skipped), {len(pending)} to train "
+          f"({resumable} resumed from a mid-run checkpoint)", flush=True)
 
     for input_name, seed in tqdm(todo, desc="runs", unit="run", dynamic_ncols=True):
         key = run_key(input_name, seed)
@@ -484,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"{key}: final success {runs[key]['final_success']:.3f} after "
                        f"{runs[key]['num_timesteps']} steps ({runs[key]['steps_per_second']:.0f} steps/s)")
             save_json(results, results_path)
+            for path in partial_paths(args.out, key):  # the run is complete: its mid-run state is stale
+                Path(path).unlink(missing_ok=True)
         evaluate_distractors(runs[key], args.eval_distractors, args, locis)
         save_json(results, results_path)
 
