@@ -134,6 +134,46 @@ def test_objects_context_phase_trains(dataset, tmp_path):
     assert len(events.Scalars("charts/context_mask_iou_pass2")) == 2
 
 
+def test_full_long_phase_has_its_own_schedule(dataset, tmp_path):
+    """``full/long`` follows ``full`` with a fresh schedule over ``long_schedule_steps``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(dataset, **{"eval.enabled": False, "optim.warmup_steps": 0, "optim.schedule": "cosine",
+                           "stages.full.steps": 2, "stages.full.long_steps": 3,
+                           "stages.full.long_schedule_steps": 300})
+    result = train(cfg, stage="full", run_dir=tmp_path / "run", log=lambda m: None)
+    assert result.completed and len(result.losses) == 5
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["phases"] == ["full", "full/long"]
+    from locis_rl.pretrain.stages import phases_for
+
+    assert phases_for("all", cfg)[-2:] == ["full", "full/long"]
+    assert "full/long" not in phases_for("all", _cfg(dataset))
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert len(events.Scalars("loss/full/long")) == 3
+    lr = [e.value for e in events.Scalars("charts/lr")]
+    base = cfg.optim.lr * cfg.stages.full.lr_scale
+    # ``full`` decays to 10 % over its 2 steps; ``full/long`` restarts at the top and is still
+    # there after 3 of its 300 scheduled steps.
+    assert lr[1] == pytest.approx(0.1 * base, rel=1e-3)
+    assert all(v > 0.99 * base for v in lr[2:])
+
+
+def test_time_based_checkpoints(dataset, tmp_path):
+    # No step-count checkpoints, a checkpoint whenever ~0 minutes have passed: the run stopped
+    # after 2 of 4 steps resumes from step 2.
+    cfg = _cfg(dataset, **{"eval.enabled": False, "stages.objects.steps": 4, "checkpoint_every": 0,
+                           "checkpoint_minutes": 1e-9, "stop_after_steps": 2})
+    result = train(cfg, stage="objects", run_dir=tmp_path / "run", log=lambda m: None)
+    assert not result.completed
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert (ckpt["phase_index"], ckpt["step"]) == (0, 2)
+    with pytest.raises(ConfigError, match="checkpoint_minutes"):
+        _cfg(dataset, checkpoint_minutes=-1)
+    with pytest.raises(ConfigError, match="long_schedule_steps"):
+        _cfg(dataset, **{"stages.full.long_steps": 10, "stages.full.long_schedule_steps": 5})
+
+
 def test_all_stages_write_every_output(dataset, tmp_path):
     from locis_rl.model import LociS
 
@@ -190,6 +230,19 @@ def test_resume_matches_uninterrupted_run(dataset, tmp_path):
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "configs" / "train").glob("*.yaml")))
+def test_every_training_preset_loads(preset):
+    from locis_rl.pretrain.stages import phases_for
+
+    cfg = load_train_config(preset)
+    assert cfg.preset == preset
+    if cfg.model_family == "locis":
+        phases = phases_for("all", cfg)
+        assert phases[0] == "background/uncertainty" and "full" in phases
+        if preset == "shipped":  # the shipped recipe is one command: its long phase is in the preset
+            assert phases[-1] == "full/long" and cfg.stages.full.long_steps == 800
 
 
 def test_unknown_config_key_is_a_clear_error(dataset, capsys):

@@ -20,6 +20,8 @@ Stages (paper sections 3.4-3.6 and 4), selectable with ``--stage`` and chained b
    ``LociS.loss`` (reconstruction + next-frame prediction + percept-gate / GateL0RD L0 terms),
    truncated BPTT over windows of ``stages.full.bptt`` frames (``LociS.detach_state`` between
    windows, one optimiser update per window).
+   With ``stages.full.long_steps > 0`` a second phase, ``full/long``, follows: the same training
+   with a fresh optimiser and its own schedule (``long_schedule_steps``), as the shipped recipe does.
 
 ``--model savi`` (``model_family: savi``; presets ``savi-quickstart``, ``savi-gpu-budget``) trains
 the SAVi baseline instead, on the same data with the same machinery: one stage, ``savi``
@@ -29,7 +31,7 @@ Usage::
 
     python -m locis_rl.pretrain                                    # quickstart preset, all stages
     python -m locis_rl.pretrain --preset savi-quickstart           # the SAVi baseline
-    python -m locis_rl.pretrain --preset shipped                   # the shipped model's first run (CPU, ~1.5 h)
+    python -m locis_rl.pretrain --preset shipped                   # the shipped model's recipe (CPU, ~3.5 h)
     python -m locis_rl.pretrain --preset gpu-long --data a.h5 b.h5 # the long GPU recipe, on your own files
     python -m locis_rl.pretrain --stage objects stages.objects.steps=500 model.num_slots=8
     python -m locis_rl.pretrain --resume runs/quickstart-20260101-120000

@@ -188,6 +188,16 @@ class FullStageConfig(StageBudget):
     """Truncated BPTT window: frames per backward pass."""
     lr_scale: float = 1.0
     """Learning rate of this stage = ``optim.lr * lr_scale``."""
+    long_steps: int = 0
+    """Sequences of a ``full/long`` phase after ``full`` (0: no such phase): the same training
+    (batch, sequence length, BPTT, ``lr_scale``) with a fresh optimiser, warm-up and schedule. A
+    short ``full`` phase that fits a time slot, then a long one, is how the shipped checkpoint was
+    trained; ``long_schedule_steps`` lets the long phase end while its learning rate is still high."""
+    long_schedule_steps: int = 0
+    """Length of the ``full/long`` phase's learning-rate schedule (0: ``long_steps``). Larger than
+    ``long_steps``: the phase stops part way along the cosine, as a longer run cut off would."""
+    long_max_minutes: float = 0.0
+    """Wall-clock budget of the ``full/long`` phase in minutes (0: none)."""
 
 
 @dataclass
@@ -258,6 +268,10 @@ class TrainConfig:
     """Steps between PNG slot decompositions in ``run_dir/images`` (0 = only at stage ends)."""
     progress: bool = True
     """tqdm progress bars (rank 0)."""
+    checkpoint_minutes: float = 0.0
+    """Also checkpoint when this many minutes have passed since the last checkpoint (0: only every
+    ``checkpoint_every`` steps): for phases whose steps take seconds, so an interruption never
+    costs more than this much work."""
     stop_after_steps: int = 0
     """Exit (without a checkpoint) after this many optimiser steps of this invocation, as if the
     process were killed; 0 = never. For tests and time-boxed jobs; ``--resume`` continues."""
@@ -293,6 +307,14 @@ class TrainConfig:
                 or self.stages.objects.context_passes < 1:
             raise ConfigError("stages.objects: context_steps must be >= 0, context_batch_size and "
                               "context_passes >= 1")
+        full = self.stages.full
+        if full.long_steps < 0 or full.long_schedule_steps < 0:
+            raise ConfigError("stages.full.long_steps and long_schedule_steps must be >= 0")
+        if 0 < full.long_schedule_steps < full.long_steps:
+            raise ConfigError(f"stages.full.long_schedule_steps ({full.long_schedule_steps}) must be 0 or >= "
+                              f"long_steps ({full.long_steps}): the schedule spans the whole phase")
+        if self.checkpoint_minutes < 0:
+            raise ConfigError(f"checkpoint_minutes must be >= 0, actual value: {self.checkpoint_minutes}")
         if self.stages.full.bptt < 1:
             raise ConfigError(f"stages.full.bptt must be >= 1, actual value: {self.stages.full.bptt}")
         if self.stages.full.seq_len < 2:

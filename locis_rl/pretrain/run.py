@@ -24,7 +24,7 @@ from locis_rl.pretrain.config import TrainConfig, apply_train_overrides
 from locis_rl.pretrain.data import EpisodeStore, StepSampler, resolve_data_paths
 from locis_rl.pretrain.optim import build_optimizer, build_scheduler
 from locis_rl.pretrain.stages import (FullStage, build_stage, phase_batch_size, phase_lr_scale, phase_max_seconds,
-                                      phase_steps, phases_for)
+                                      phase_schedule_steps, phase_steps, phases_for)
 from locis_rl.savi import train as savi_train
 
 __all__ = ["train", "TrainResult", "default_run_dir"]
@@ -167,6 +167,7 @@ class Trainer:
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
         self.losses: list[float] = []
         self.steps_this_run = 0
+        self.last_checkpoint_time = time.perf_counter()
         if d.enabled:
             print(f"[pretrain rank {d.rank}/{d.world_size}] started on {d.device}", file=sys.stderr, flush=True)
         completed = True
@@ -202,6 +203,7 @@ class Trainer:
         self.log(f"initialised the model from {path}")
 
     def _checkpoint(self, phase_index: int, step: int, global_step: int, optimizer, scheduler) -> None:
+        self.last_checkpoint_time = time.perf_counter()
         if not self.dist.is_main:
             return
         save_train_checkpoint(self.run_dir / CHECKPOINT_NAME, {
@@ -242,7 +244,7 @@ class Trainer:
                 find_unused_parameters=False)  # StageModule.forward touches every trained parameter
         optim_cfg = dataclasses.replace(cfg.optim, lr=cfg.optim.lr * phase_lr_scale(cfg, phase))
         optimizer = build_optimizer(params, optim_cfg)
-        scheduler = build_scheduler(optimizer, optim_cfg, total)
+        scheduler = build_scheduler(optimizer, optim_cfg, total if savi else phase_schedule_steps(cfg, phase))
         if resume_ckpt is not None and resume_ckpt.get("optimizer") is not None:
             optimizer.load_state_dict(resume_ckpt["optimizer"])
             scheduler.load_state_dict(resume_ckpt["scheduler"])
@@ -304,7 +306,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_value:.4f}", fps=f"{fps:.1f}")
             if d.is_main and cfg.image_every and (step + 1) % cfg.image_every == 0:
                 self._images(f"{pi}-{phase.replace('/', '-')}_step{step + 1:06d}")
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+            due = due or (cfg.checkpoint_minutes > 0
+                          and time.perf_counter() - self.last_checkpoint_time >= 60.0 * cfg.checkpoint_minutes)
+            if due and step + 1 < total:
                 self._checkpoint(pi, step + 1, global_step, optimizer, scheduler)
             if self.cfg.stop_after_steps and self.steps_this_run >= self.cfg.stop_after_steps:
                 if bar is not None:

@@ -18,6 +18,8 @@ phase                       trains                      loss
 ``proposal``                ``proposals``               :func:`proposal_loss` (3.6)
 ``full``                    all but ``background``,     ``LociS.loss`` over truncated-BPTT
                             ``proposals``               windows + percept-gate L0 (4)
+``full/long``               as ``full`` (optional: a    as ``full``, with a fresh optimiser
+                            second, longer phase)       and schedule (``stages.full.long_*``)
 ==========================  ==========================  ======================================
 """
 from __future__ import annotations
@@ -37,14 +39,16 @@ from locis_rl.pretrain.data import Batch
 __all__ = ["PHASES", "phases_for", "StageModule", "build_stage", "scene_image", "target_depth",
            "single_object_inputs", "pick_slot_objects"]
 
-PHASES = ("background/uncertainty", "background/extractor", "objects", "objects/context", "proposal", "full")
+PHASES = ("background/uncertainty", "background/extractor", "objects", "objects/context", "proposal", "full",
+          "full/long")
 
 
 def phases_for(stage: str, cfg: TrainConfig | None = None) -> list[str]:
     """Phases of a ``--stage`` value (``all`` = every phase in order).
 
-    With ``cfg``, phases it gives no steps to by design (``objects/context`` without
-    ``stages.objects.context_steps``) are left out, so runs without them keep their phase list.
+    With ``cfg``, the optional phases it gives no steps (``objects/context`` without
+    ``stages.objects.context_steps``, ``full/long`` without ``stages.full.long_steps``) are left
+    out, so runs without them keep their phase list. Without ``cfg`` both are left out.
     """
     if stage == "all":
         out = list(PHASES)
@@ -54,6 +58,8 @@ def phases_for(stage: str, cfg: TrainConfig | None = None) -> list[str]:
         raise ValueError(f"unknown stage {stage!r}; expected background, objects, proposal, full or all")
     if cfg is None or cfg.stages.objects.context_steps <= 0:
         out = [p for p in out if p != "objects/context"]
+    if cfg is None or cfg.stages.full.long_steps <= 0:
+        out = [p for p in out if p != "full/long"]
     return out
 
 
@@ -66,13 +72,24 @@ def phase_steps(cfg: TrainConfig, phase: str) -> int:
         "objects/context": s.objects.context_steps,
         "proposal": s.proposal.steps,
         "full": s.full.steps,
+        "full/long": s.full.long_steps,
     }[phase]
+
+
+def phase_schedule_steps(cfg: TrainConfig, phase: str) -> int:
+    """Length of a phase's learning-rate schedule: its steps, except ``full/long`` with
+    ``stages.full.long_schedule_steps`` set."""
+    if phase == "full/long" and cfg.stages.full.long_schedule_steps > 0:
+        return cfg.stages.full.long_schedule_steps
+    return phase_steps(cfg, phase)
 
 
 def phase_max_seconds(cfg: TrainConfig, phase: str) -> float:
     """Wall-clock budget of a phase in seconds (0: none), from its stage's ``max_minutes``."""
     if phase == "objects/context":
         return 60.0 * cfg.stages.objects.context_max_minutes
+    if phase == "full/long":
+        return 60.0 * cfg.stages.full.long_max_minutes
     return 60.0 * getattr(cfg.stages, phase.split("/")[0]).max_minutes
 
 
@@ -89,6 +106,7 @@ def phase_batch_size(cfg: TrainConfig, phase: str) -> int:
         "objects/context": s.objects.context_batch_size,
         "proposal": s.proposal.batch_size,
         "full": s.full.batch_size,
+        "full/long": s.full.batch_size,
     }[phase]
 
 
@@ -595,5 +613,6 @@ def build_stage(phase: str, model: nn.Module, cfg: TrainConfig) -> StageModule:
         "objects/context": ContextStage,
         "proposal": ProposalStage,
         "full": FullStage,
+        "full/long": FullStage,
     }[phase]
     return cls(model, cfg)
