@@ -207,7 +207,7 @@ def evaluate_model(model, dataset_or_path: Any, modes: Sequence[str] = ("rnd", "
                    max_sequences: int | None = None, batch_size: int = 4, seed: int = 0,
                    out_dir: str | os.PathLike | None = None, visualize: int = 1,
                    device: str | torch.device | None = None, progress: bool = False,
-                   conditioning: str | None = None) -> dict[str, Any]:
+                   conditioning: str | None = None, per_frame: bool = False) -> dict[str, Any]:
     """Run ``model`` over each sequence for every mode and compute the metrics.
 
     Args:
@@ -223,6 +223,10 @@ def evaluate_model(model, dataset_or_path: Any, modes: Sequence[str] = ("rnd", "
         out_dir: where PNG / GIF visualisations go (None = none); ``visualize`` sequences per mode.
         conditioning: SAVi only: ``None`` or the model's ``config.conditioning`` (anything else is
             a ``ValueError``: the initializer's weights fix it).
+        per_frame: also score every frame index on its own (data with segmentation): each mode's
+            entry gets ``"per_frame": {"FG-ARI": [T values], "mIoU": [T values]}``, the mean over
+            sequences of the single-frame scores, which shows where in a video the model fails
+            (say, while objects still move fast after the first frame).
 
     Returns:
         ``{"modes": {mode: {metric: value, ..., "sequences": n, "seconds": s}}, "metrics":
@@ -254,6 +258,7 @@ def evaluate_model(model, dataset_or_path: Any, modes: Sequence[str] = ("rnd", "
     try:
         for mode in modes:
             per: dict[str, list[float]] = {k: [] for k in METRIC_KEYS}
+            frame_scores: dict[str, list[torch.Tensor]] = {"FG-ARI": [], "mIoU": []}  # [B, T] per batch
             t_start = time.perf_counter()
             n_seq = 0
             vis_left = visualize if out_dir is not None else 0
@@ -305,6 +310,12 @@ def evaluate_model(model, dataset_or_path: Any, modes: Sequence[str] = ("rnd", "
                     per["mIoU-seq"] += M.miou(labels, true).tolist()
                     per["F1"] += M.f1(labels, true).tolist()
                     per["OCA"] += M.oca(labels, true).tolist()
+                    if per_frame:
+                        frames_t = range(labels.shape[1])
+                        frame_scores["FG-ARI"].append(torch.stack(
+                            [M.fg_ari(labels[:, t:t + 1], true[:, t:t + 1]) for t in frames_t], 1))
+                        frame_scores["mIoU"].append(torch.stack(
+                            [M.miou(labels[:, t:t + 1], true[:, t:t + 1]).double() for t in frames_t], 1))
                 else:
                     for k in SEGMENTATION_KEYS:
                         per[k] += [math.nan] * b
@@ -322,6 +333,9 @@ def evaluate_model(model, dataset_or_path: Any, modes: Sequence[str] = ("rnd", "
                     print(f"[evaluate] {mode}: {n_seq} sequences", file=sys.stderr)
             summary = {k: _nanmean(v) for k, v in per.items()}
             summary["sequences"] = n_seq
+            if per_frame and frame_scores["FG-ARI"]:
+                summary["per_frame"] = {k: [_nanmean(col.tolist()) for col in torch.cat(v).T]
+                                        for k, v in frame_scores.items()}
             summary["seconds"] = round(time.perf_counter() - t_start, 3)
             results["modes"][mode] = summary
             n_total = n_seq
@@ -381,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Loci-s only, repeatable: an inference-time config change of the checkpoint, "
                              "e.g. assignment.mode=reg or assignment.warmup_inference=5 (allowed keys: "
                              "locis_rl.model.config.INFERENCE_OVERRIDE_KEYS)")
+    parser.add_argument("--per-frame", action="store_true",
+                        help="also print and save FG-ARI / mIoU of every frame index on its own (data with "
+                             "segmentation): where in the videos the model fails")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--out", help="directory for PNG / GIF visualisations")
     parser.add_argument("--visualize", type=int, default=2, help="sequences visualised per mode (with --out)")
@@ -406,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "once (see --conditioning)")
         results = evaluate_model(model, args.data, modes, max_sequences=args.max_sequences,
                                  batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
-                                 visualize=args.visualize, progress=True, conditioning=args.conditioning)
+                                 visualize=args.visualize, progress=True, conditioning=args.conditioning,
+                                 per_frame=args.per_frame)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -415,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["overrides"] = overrides
     results["data"] = [str(p) for p in args.data]
     print(format_table(results))
+    for mode, r in results["modes"].items():
+        for key, values in r.get("per_frame", {}).items():
+            print(f"{mode} {key} per frame: " + " ".join(f"{v:.2f}" for v in values))
     if args.json:
         write_json(results, args.json)
         print(f"wrote {args.json}")

@@ -162,3 +162,24 @@ def test_oracle_masks_give_perfect_scores(dataset):
     assert m["mIoU"] == pytest.approx(1.0) and m["mIoU-seq"] == pytest.approx(1.0)
     assert m["ARI-A"] == pytest.approx(1.0) and m["F1"] == pytest.approx(1.0) and m["OCA"] == pytest.approx(1.0)
     assert math.isnan(m["Depth-MSE"])  # the items carry no depth
+
+
+def test_per_frame_scores_show_which_frames_fail(dataset):
+    """``per_frame``: the oracle is perfect on frames 0-1 and blind (all background) on 2-3."""
+    from locis_rl.data import VideoDataset
+
+    ds = VideoDataset(dataset, seq_len=4)
+    items = []
+    for i in range(len(ds)):
+        seg = ds[i]["segmentation"]
+        rgb = torch.zeros(seg.shape[0], 3, *seg.shape[1:])
+        rgb[:2, 0] = seg[:2].float() / 255.0  # frames 2-3: no object reaches the oracle
+        items.append({"rgb": rgb, "segmentation": seg})
+    k = int(max(int(it["segmentation"].max()) for it in items))
+    res = evaluate_model(_Oracle(64, k), items, ["rnd"], batch_size=2, per_frame=True)
+    per_frame = res["modes"]["rnd"]["per_frame"]
+    assert set(per_frame) == {"FG-ARI", "mIoU"} and all(len(v) == 4 for v in per_frame.values())
+    assert per_frame["FG-ARI"][:2] == pytest.approx([1.0, 1.0])
+    assert per_frame["mIoU"][:2] == pytest.approx([1.0, 1.0])
+    assert max(per_frame["mIoU"][2:]) < 0.5
+    assert "per_frame" not in evaluate_model(_Oracle(64, k), items, ["rnd"], batch_size=2)["modes"]["rnd"]
