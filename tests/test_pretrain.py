@@ -358,3 +358,33 @@ def test_optimizer_choice():
     assert isinstance(plain, torch.optim.AdamW)
     with pytest.raises(ValueError, match="optim.name"):
         build_optimizer(params, OptimConfig(name="sgd"))
+
+
+def test_first_frame_fraction_starts_that_share_of_windows_at_frame_zero():
+    from types import SimpleNamespace
+
+    from locis_rl.pretrain.stages import FullStage
+
+    class Store:  # records the window starts the stage asks for
+        frames = 24
+
+        def batch(self, items, start, length):
+            self.start, self.length = start, length
+            return start
+
+    def starts(fraction: float) -> torch.Tensor:
+        cfg = load_train_config("quickstart", {"stages.full.seq_len": 8,
+                                               "stages.full.first_frame_fraction": fraction})
+        store = Store()
+        FullStage.sample(SimpleNamespace(cfg=cfg), store, list(range(2000)), torch.Generator().manual_seed(0))
+        assert store.length == 8
+        return store.start
+
+    uniform = starts(0.0)
+    # 0: the uniform starts of before, from an unchanged random stream (runs resume identically)
+    assert torch.equal(uniform, torch.randint(0, 17, (2000,), generator=torch.Generator().manual_seed(0)))
+    assert starts(1.0).eq(0).all()
+    half = starts(0.5)
+    assert 0.45 < half.eq(0).float().mean() < 0.6  # 1/2 + 1/2 * 1/17 start at 0
+    with pytest.raises(ConfigError, match="first_frame_fraction"):
+        load_train_config("quickstart", {"stages.full.first_frame_fraction": 1.5})

@@ -186,6 +186,10 @@ class FullStageConfig(StageBudget):
     """Frames per training sequence (clipped to the episode length)."""
     bptt: int = 2
     """Truncated BPTT window: frames per backward pass."""
+    first_frame_fraction: float = 0.0
+    """Fraction of the training sequences that start at their episode's first frame (the others
+    start uniformly at random). Recorded scenes often move most at the start (objects dropped into
+    place), where a uniform start under-samples them."""
     lr_scale: float = 1.0
     """Learning rate of this stage = ``optim.lr * lr_scale``."""
     long_steps: int = 0
@@ -308,6 +312,9 @@ class TrainConfig:
             raise ConfigError("stages.objects: context_steps must be >= 0, context_batch_size and "
                               "context_passes >= 1")
         full = self.stages.full
+        if not 0.0 <= full.first_frame_fraction <= 1.0:
+            raise ConfigError(f"stages.full.first_frame_fraction must be in [0, 1], actual value: "
+                              f"{full.first_frame_fraction}")
         if full.long_steps < 0 or full.long_schedule_steps < 0:
             raise ConfigError("stages.full.long_steps and long_schedule_steps must be >= 0")
         if 0 < full.long_schedule_steps < full.long_steps:

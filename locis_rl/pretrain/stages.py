@@ -559,6 +559,9 @@ class FullStage(StageModule):
     def sample(self, store, items, generator: torch.Generator) -> Batch:
         length = min(self.cfg.stages.full.seq_len, store.frames)
         start = torch.randint(0, store.frames - length + 1, (len(items),), generator=generator)
+        first = self.cfg.stages.full.first_frame_fraction
+        if first > 0:  # drawn only when asked for: runs without it keep their random stream
+            start = torch.where(torch.rand(len(items), generator=generator) < first, 0, start)
         return store.batch(items, start, length)
 
     mode: str | None = None
