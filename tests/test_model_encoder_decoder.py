@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from locis_rl.model.config import LociSConfig
 from locis_rl.model.decoder import CascadedDecoder, compose
@@ -349,3 +350,27 @@ def test_paper_preset_widths() -> None:
         out = dec(position, gestalt)
     assert position.shape == (1, 4) and gestalt.shape == (1, 768)
     assert out["rgb"].shape == (1, 3, 256, 256) and out["mask_logits"].shape == (1, 1, 256, 256)
+
+
+@pytest.mark.parametrize("in_channels,out_channels,stride,bias", [(128, 3, 4, True), (32, 1, 4, True),
+                                                                  (12, 4, 2, False), (8, 8, 8, True)])
+def test_patch_conv_transpose_equals_the_transposed_convolution(in_channels, out_channels, stride, bias):
+    import torch.nn.functional as F
+
+    from locis_rl.model.blocks import PatchConvTranspose2d
+
+    torch.manual_seed(0)
+    layer = PatchConvTranspose2d(in_channels, out_channels, stride, bias=bias)
+    reference = nn.ConvTranspose2d(in_channels, out_channels, stride, stride=stride, bias=bias)
+    assert set(layer.state_dict()) == set(reference.state_dict())  # checkpoints load unchanged
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(3, in_channels, 5, 7, requires_grad=True)
+    out = layer(x)
+    expected = F.conv_transpose2d(x, reference.weight, reference.bias, stride=stride)
+    assert out.shape == (3, out_channels, 5 * stride, 7 * stride)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, layer.weight), grad)
+    rx, rw = torch.autograd.grad(expected, (x, reference.weight), grad)
+    torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import ConvNeXtBlock, ResidualPatchEmbedding, ResidualPatchUpscaling
+from .blocks import ConvNeXtBlock, PatchConvTranspose2d, ResidualPatchEmbedding, ResidualPatchUpscaling
 from .config import LociSConfig
 
 __all__ = [
@@ -161,7 +161,7 @@ class _PatchUpscaling(nn.Sequential):
 
     def __init__(self, dim: int, hidden: int, out_channels: int, patch: int) -> None:
         super().__init__(nn.Conv2d(dim, hidden, 1), nn.SiLU(),
-                         nn.ConvTranspose2d(hidden, out_channels, patch, stride=patch))
+                         PatchConvTranspose2d(hidden, out_channels, patch))
 
 
 def _binarize(x: torch.Tensor, training: bool) -> torch.Tensor:

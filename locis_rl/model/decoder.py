@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locis_rl.model.blocks import ConvNeXtBlock, coordinate_grid, gaussian_heatmap
+from locis_rl.model.blocks import ConvNeXtBlock, PatchConvTranspose2d, coordinate_grid, gaussian_heatmap
 from locis_rl.model.config import LociSConfig
 
 __all__ = [
@@ -56,7 +56,7 @@ class MaskDecoder(nn.Module):
             channels = width
         layers.append(nn.Conv2d(channels, dec.mask_latent, 1))
         self.body = nn.Sequential(*layers)
-        self.upscale = nn.ConvTranspose2d(dec.mask_latent, 1, dec.patch_size, stride=dec.patch_size)
+        self.upscale = PatchConvTranspose2d(dec.mask_latent, 1, dec.patch_size)
 
     def forward(self, position: torch.Tensor, gestalt_mask: torch.Tensor) -> torch.Tensor:
         s = self.latent_size
@@ -135,7 +135,7 @@ class AppearanceDecoder(nn.Module):
         self.head = nn.Sequential(
             nn.Conv2d(channels, _EXPANSION * channels, 1),
             nn.SiLU(),
-            nn.ConvTranspose2d(_EXPANSION * channels, out_channels, dec.patch_size, stride=dec.patch_size),
+            PatchConvTranspose2d(_EXPANSION * channels, out_channels, dec.patch_size),
         )
 
     def forward(self, position: torch.Tensor, gestalt_part: torch.Tensor, mask: torch.Tensor,

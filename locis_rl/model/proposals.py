@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .blocks import ConvNeXtBlock, ResidualPatchEmbedding, coordinate_grid
+from .blocks import ConvNeXtBlock, PatchConvTranspose2d, ResidualPatchEmbedding, coordinate_grid
 from .config import LociSConfig
 
 __all__ = ["ProposalNet", "proposal_loss", "relabel_segmentation"]
@@ -43,7 +43,7 @@ class _Upsample(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int) -> None:
         super().__init__(nn.Conv2d(in_channels, expansion * in_channels, 1), nn.SiLU(),
-                         nn.ConvTranspose2d(expansion * in_channels, out_channels, stride, stride=stride))
+                         PatchConvTranspose2d(expansion * in_channels, out_channels, stride))
 
 
 class ProposalNet(nn.Module):
