@@ -310,12 +310,11 @@ def evaluate_model(model, dataset_or_path: Any, modes: Sequence[str] = ("rnd", "
                     per["mIoU-seq"] += M.miou(labels, true).tolist()
                     per["F1"] += M.f1(labels, true).tolist()
                     per["OCA"] += M.oca(labels, true).tolist()
-                    if per_frame:
-                        frames_t = range(labels.shape[1])
-                        frame_scores["FG-ARI"].append(torch.stack(
-                            [M.fg_ari(labels[:, t:t + 1], true[:, t:t + 1]) for t in frames_t], 1))
-                        frame_scores["mIoU"].append(torch.stack(
-                            [M.miou(labels[:, t:t + 1], true[:, t:t + 1]).double() for t in frames_t], 1))
+                    if per_frame:  # every frame as a one-frame video: one batched call per metric
+                        frames = (b * T, 1) + tuple(labels.shape[2:])
+                        one_pred, one_true = labels.reshape(frames), true.reshape(frames)
+                        frame_scores["FG-ARI"].append(M.fg_ari(one_pred, one_true).view(b, T))
+                        frame_scores["mIoU"].append(M.miou(one_pred, one_true).double().view(b, T))
                 else:
                     for k in SEGMENTATION_KEYS:
                         per[k] += [math.nan] * b
