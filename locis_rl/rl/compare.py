@@ -301,6 +301,8 @@ def train_run(input_name: str, seed: int, args: argparse.Namespace, ppo: PPOConf
     if progress:
         agent = PPO.load(policy_path, env=train_env, device=args.device, seed=part_seed,
                          tensorboard_log=os.path.join(args.out, "tb"), verbose=args.verbose)
+        # The .zip is written before the .json: a kill between the two leaves a newer policy, and
+        # the step counter must follow the curve the .json holds.
         agent.num_timesteps = done
         tqdm.write(f"{key}: resuming at {done} env steps from {policy_path}")
     else:
