@@ -1,6 +1,6 @@
 """`locis/PushObjects-v0`: push the red target object into the green goal patch among distractors.
 
-Table: 0.6 m x 0.6 m with invisible walls. The pusher (a light-grey cylinder, radius 3.5 cm) moves on
+Table: 0.6 m x 0.6 m with invisible walls. The pusher (a near-black cylinder, radius 3.5 cm) moves on
 x/y slide joints driven by velocity actuators: action (2,) in [-1, 1] -> velocity command
 `action * max_speed` (default 0.5 m/s). One env step = `frame_skip` (10) physics steps of 5 ms.
 
@@ -47,7 +47,10 @@ PUSHER_ID, TARGET_ID = 1, 2
 ARENA_HALF = 0.3
 TARGET_COLOR = np.array([0.9, 0.08, 0.08])
 GOAL_COLOR = np.array([0.15, 0.8, 0.25])
-PUSHER_COLOR = np.array([0.92, 0.92, 0.92])
+# Dark, not light grey: the shipped checkpoint's background module absorbs a light-grey pusher into the
+# grey floor, so no slot ever held it (0 % of its pixels under a slot vs ~0.9 with this colour and
+# 8 slots); an agent reading slots must see its own effector.
+PUSHER_COLOR = np.array([0.1, 0.1, 0.12])
 TARGET_EXTENT = np.array([0.045, 0.045, 0.04])  # target: an upright red cylinder
 _DISTRACTOR_EXTENT = np.array([(0.045, 0.045, 0.04), (0.045, 0.045, 0.045), (0.045, 0.045, 0.04),
                                (0.035, 0.035, 0.07), (0.055, 0.045, 0.035)])

@@ -196,8 +196,9 @@ def collect_slot_features(model: Any, env_id: str = "locis/MultiObject-v0",
         ``features_gestalt [N,G]``, ``features_position [N,4]``, ``features_depth [N,1]``,
         ``target_position [N,3]``, ``target_color [N,3]``, ``target_size [N,3]``,
         ``target_shape [N]`` int64, ``target_static [N]`` bool, ``episode``, ``frame``, ``slot``,
-        ``object_id [N]`` int64, ``iou [N]``; and 0-d ``num_visible`` (visible object instances over
-        all frames), ``num_matched``, ``num_frames``.
+        ``object_id [N]`` int64, ``iou [N]``; ``visible_object_id [V]`` int64, the id of every
+        visible object instance (one per object and frame, so per-object match rates can be
+        counted); and 0-d ``num_visible`` (``V``), ``num_matched``, ``num_frames``.
     """
     if episodes < 1 or frames < 1 or batch_size < 1:
         raise ValueError(f"episodes, frames and batch_size must be >= 1, actual values: "
@@ -215,8 +216,9 @@ def collect_slot_features(model: Any, env_id: str = "locis/MultiObject-v0",
 
     rows: dict[str, list] = {key: [] for key in (
         "features_gestalt", "features_position", "features_depth", "target_position", "target_color",
-        "target_size", "target_shape", "target_static", "episode", "frame", "slot", "object_id", "iou")}
-    num_visible = num_frames = 0
+        "target_size", "target_shape", "target_static", "episode", "frame", "slot", "object_id", "iou",
+        "visible_object_id")}
+    num_frames = 0
     batch = min(batch_size, episodes)
     env_list = [_make_env(env_id, env_kwargs) for _ in range(batch)]
     try:
@@ -250,8 +252,9 @@ def collect_slot_features(model: Any, env_id: str = "locis/MultiObject-v0",
                     if not active[b]:
                         continue
                     num_frames += 1
-                    slots, ids, ious, visible = match_slots(masks[b], infos[b]["segmentation"], min_iou)
-                    num_visible += visible
+                    slots, ids, ious, _ = match_slots(masks[b], infos[b]["segmentation"], min_iou)
+                    seg = np.asarray(infos[b]["segmentation"])
+                    rows["visible_object_id"].append(np.unique(seg[seg > 0]).astype(np.int64))
                     if slots.size == 0:
                         continue
                     objects = infos[b]["objects"]
@@ -294,7 +297,7 @@ def collect_slot_features(model: Any, env_id: str = "locis/MultiObject-v0",
             result[key] = np.zeros(0, bool if key == "target_static" else
                                    (np.float64 if key == "iou" else np.int64))
     result["features"] = np.concatenate([result[f"features_{g}"] for g in FEATURE_GROUPS], axis=1)
-    result["num_visible"] = np.asarray(num_visible)
+    result["num_visible"] = np.asarray(result["visible_object_id"].size)
     result["num_matched"] = np.asarray(result["slot"].size)
     result["num_frames"] = np.asarray(num_frames)
     return result
@@ -469,20 +472,31 @@ def _fit_classifier(probe, x, y, train, test, seed, enough) -> tuple[float, floa
 # --------------------------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------------------------
-def load_probe_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", seed: int = 0):
+def load_probe_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", seed: int = 0,
+                     num_slots: int | None = None):
     """``(model, trained)`` for a checkpoint spec (see the module docstring); ``trained`` is False
     for preset names (random weights from ``torch.manual_seed(seed)``).
 
+    Args:
+        num_slots: slots of a Loci-s model at inference (``None``: its config's).
+
     Raises:
         FileNotFoundError: no such file; for ``default`` the message says how to get one.
+        ValueError: ``num_slots`` for a SAVi model (its slot count is fixed by training).
     """
     spec = str(checkpoint)
+    overrides = {} if num_slots is None else {"num_slots": num_slots}
     if spec in LOCIS_PRESETS:
         from locis_rl.model import LociS
+        from locis_rl.model.config import LociSConfig, apply_inference_overrides
 
         torch.manual_seed(seed)
-        return LociS(spec).to(device), False
+        return LociS(apply_inference_overrides(LociSConfig.preset(spec), overrides)).to(device), False
+    savi_error = ValueError(f"num_slots={num_slots} applies to Loci-s models; {spec!r} is a SAVi model, "
+                            "whose slot count is fixed by its training config: leave --num-slots out")
     if spec in SAVI_PRESETS:
+        if overrides:
+            raise savi_error
         from locis_rl.savi import SAVi
 
         torch.manual_seed(seed)
@@ -496,11 +510,13 @@ def load_probe_model(checkpoint: str | os.PathLike, device: str | torch.device =
         if isinstance(head, dict) and head.get("model") == "SAVi":
             from locis_rl.savi import SAVi
 
+            if overrides:
+                raise savi_error
             return SAVi.from_pretrained(path, map_location=device), True
     from locis_rl.evaluate import load_model
 
     try:
-        return load_model(spec, map_location=device), True
+        return load_model(spec, map_location=device, overrides=overrides or None), True
     except FileNotFoundError as exc:
         if spec == "default":
             raise FileNotFoundError(DEFAULT_CHECKPOINT_HELP.format(error=exc)) from exc
@@ -528,9 +544,13 @@ def _probe_model(model, label, *, env_id, env_kwargs, episodes, frames, seed, mo
         x = data["features"] if fs == "all" else data[f"features_{fs}"]
         probes_out[fs] = fit_probes(x, targets, data["episode"], probes=probes,
                                     test_fraction=test_fraction, seed=seed)
+    visible_ids, visible_counts = np.unique(data["visible_object_id"], return_counts=True)
+    matched_counts = dict(zip(*np.unique(data["object_id"], return_counts=True)))
     return {
         "model": label,
         "match_rate": matched / visible if visible else float("nan"),
+        "match_rate_by_object": {int(i): matched_counts.get(i, 0) / int(n)
+                                 for i, n in zip(visible_ids, visible_counts)},
         "mean_iou": float(data["iou"].mean()) if matched else float("nan"),
         "num_visible": visible,
         "num_matched": matched,
@@ -545,17 +565,20 @@ def run_probe(checkpoint: Any = "default", env_id: str = "locis/MultiObject-v0",
               seed: int = 0, mode: str | None = None, device: str | torch.device = "cpu", *,
               control: bool = True, min_iou: float = 0.2, probes: Sequence[str] = PROBES,
               feature_sets: Sequence[str] = ("all",), test_fraction: float = 0.25,
-              batch_size: int = 4) -> dict[str, Any]:
+              batch_size: int = 4, num_slots: int | None = None) -> dict[str, Any]:
     """Probe a model (and a random-weight control of the same config).
 
     Args:
         checkpoint: a checkpoint spec for :func:`load_probe_model` or a model object.
+        num_slots: slots at inference for a checkpoint spec (``None``: its config's; a model
+            object keeps its own).
         feature_sets: any of ``"all"``, ``"gestalt"``, ``"position"``, ``"depth"``.
         Others: see :func:`collect_slot_features` and :func:`fit_probes`.
 
     Returns:
         ``{"settings": {...}, "results": [model result, control result]}``; a model result holds
-        ``model`` (label), ``match_rate``, ``mean_iou``, counts and ``probes[feature_set][probe]``
+        ``model`` (label), ``match_rate``, ``match_rate_by_object`` (``{object id: rate}``, ids
+        of ``info["segmentation"]``), ``mean_iou``, counts and ``probes[feature_set][probe]``
         (see :func:`fit_probes`).
     """
     for fs in feature_sets:
@@ -564,7 +587,7 @@ def run_probe(checkpoint: Any = "default", env_id: str = "locis/MultiObject-v0",
     if isinstance(checkpoint, torch.nn.Module):
         model, trained, name = checkpoint.to(device), True, type(checkpoint).__name__
     else:
-        model, trained = load_probe_model(checkpoint, device, seed)
+        model, trained = load_probe_model(checkpoint, device, seed, num_slots)
         name = str(checkpoint)
     label = name if trained else f"{name} (random)"
     common = dict(env_id=env_id, env_kwargs=env_kwargs, episodes=episodes, frames=frames, seed=seed,
@@ -671,6 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--min-iou", type=float, default=0.2)
+    p.add_argument("--num-slots", type=int, default=None,
+                   help="slots of a Loci-s model at inference (default: its config's)")
     p.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES))
     p.add_argument("--features", nargs="+", choices=("all",) + FEATURE_GROUPS, default=["all"],
                    help="feature sets to probe (one table row group each)")
@@ -690,7 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_probe(args.checkpoint, args.env, parse_env_kwargs(args.env_kwargs), args.episodes,
                            args.frames, args.seed, args.mode, args.device, control=not args.no_control,
                            min_iou=args.min_iou, probes=args.probes, feature_sets=args.features,
-                           test_fraction=args.test_fraction, batch_size=args.batch_size)
+                           test_fraction=args.test_fraction, batch_size=args.batch_size,
+                           num_slots=args.num_slots)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -699,6 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{s['frames']} frames, mode={s['mode']}, seed={s['seed']}, held-out episode fraction "
           f"{s['test_fraction']}\n")
     print(format_table(report))
+    for res in report["results"]:
+        rates = ", ".join(f"{i}: {r:.2f}" for i, r in res["match_rate_by_object"].items())
+        print(f"\n{res['model']}: match rate by object id ({s['env_id']} segmentation ids): {rates or 'n/a'}")
     if args.json:
         print(f"\nwrote {write_json(report, args.json)}")
     return 0

@@ -160,6 +160,11 @@ def test_collect_slot_features_with_fake_model():
     assert data["target_shape"].dtype == np.int64 and data["target_shape"].max() < 5
     assert set(np.unique(data["episode"])) <= {0, 1, 2} and (data["iou"] >= 0.01).all()
     assert ((data["target_color"] >= 0) & (data["target_color"] <= 1)).all()
+    visible_ids, visible_counts = np.unique(data["visible_object_id"], return_counts=True)
+    assert data["visible_object_id"].size == int(data["num_visible"])
+    for object_id, count in zip(visible_ids, visible_counts):  # an object is matched at most once a frame
+        assert (data["object_id"] == object_id).sum() <= count
+    assert set(data["object_id"]) <= set(visible_ids)
 
 
 def test_run_probe_tiny_locis_end_to_end():
@@ -171,11 +176,22 @@ def test_run_probe_tiny_locis_end_to_end():
     for res in report["results"]:
         assert res["num_frames"] == 8 and res["num_visible"] > 0
         assert 0.0 <= res["match_rate"] <= 1.0
+        by_object = res["match_rate_by_object"]
+        assert by_object and all(0.0 <= r <= 1.0 for r in by_object.values())
         assert set(res["probes"]["all"]) == {"linear", "mlp"}
         assert {"position_r2", "color_r2", "size_r2", "shape_acc", "shape_chance"} <= set(
             res["probes"]["all"]["linear"])
     table = format_table(report)
     assert table.count("\n") == 5 and "position R²" in table and "control (random init)" in table
+
+
+def test_num_slots_changes_a_locis_model_and_is_refused_for_savi():
+    torch.set_num_threads(1)
+    report = run_probe("tiny", "locis/MultiObject-v0", {"level": "a"}, episodes=1, frames=2, seed=0,
+                       control=False, probes=("linear",), num_slots=3)
+    assert report["settings"]["num_slots"] == 3
+    with pytest.raises(ValueError, match="SAVi"):
+        load_probe_model("savi-tiny", num_slots=3)
 
 
 def test_default_checkpoint_missing_message(monkeypatch, tmp_path):
@@ -191,9 +207,11 @@ def test_cli_smoke(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "locis_rl.probe", "--checkpoint", "tiny", "--env-kwargs", "level=a",
-         "--episodes", "2", "--frames", "2", "--no-control", "--threads", "1", "--json", str(out)],
+         "--episodes", "2", "--frames", "2", "--no-control", "--threads", "1", "--num-slots", "5",
+         "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr
-    assert "| tiny (random) | linear |" in proc.stdout
+    assert "| tiny (random) | linear |" in proc.stdout and "match rate by object id" in proc.stdout
     report = json.loads(out.read_text())
     assert len(report["results"]) == 1 and report["settings"]["env_kwargs"]["level"] == "a"
+    assert report["settings"]["num_slots"] == 5

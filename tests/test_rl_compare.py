@@ -122,6 +122,23 @@ def test_compare_missing_checkpoint_gives_the_library_error(tmp_path):
         main(["--inputs", "slots", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
 
 
+def test_slot_count_reaches_the_wrapper_and_is_a_training_setting(tmp_path):
+    from locis_rl.rl.compare import load_locis, make_venv
+
+    model = load_locis("tiny", warmup=2, num_slots=3)
+    assert model.config.num_slots == 3 and model.config.assignment.warmup_inference == 2
+    venv = make_venv("slots", 1, seed=0, max_steps=5, locis=model, device="cpu")
+    try:
+        assert venv.observation_space["gestalt"].shape[0] == 3
+    finally:
+        venv.close()
+    with pytest.raises(SystemExit, match="--num-slots"):
+        main(["--num-slots", "-1", "--out", str(tmp_path)])
+    (tmp_path / "results.json").write_text(json.dumps({"settings": {"num_slots": 6}, "runs": {}}))
+    with pytest.raises(SystemExit, match="num_slots: 6 in the file, 8 now"):
+        main(["--inputs", "state", "--out", str(tmp_path)])
+
+
 def test_ppo_config_clips_rollout_to_budget_and_parses_overrides():
     kwargs = PPOConfig().sb3_kwargs(timesteps=256, num_envs=2)
     assert kwargs["n_steps"] == 128 and kwargs["batch_size"] == 256 and kwargs["gamma"] == 0.99
