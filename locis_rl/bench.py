@@ -44,9 +44,12 @@ def _resolve_device(name: str) -> str:
 
 
 def bench_model(preset: str, device: str, batch_size: int, *, steps: int = 5, warmup_steps: int = 1,
-                mode: str = "seg", compile: bool = False, seed: int = 0,
+                mode: str = "seg", compile: bool = False, seed: int = 0, reconstruct_rgb: bool = True,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Median latency of :meth:`LociS.step` on random frames (eval, ``torch.inference_mode``).
+
+    ``reconstruct_rgb=False`` times the step as the RL adapters run it (no RGB reconstruction of
+    the current frame).
 
     The first frame of a row runs the slot-assignment warm-up; it and ``warmup_steps`` further
     steps are excluded, so the figure is the steady-state per-step latency.
@@ -59,7 +62,9 @@ def bench_model(preset: str, device: str, batch_size: int, *, steps: int = 5, wa
     from locis_rl.model import LociS
 
     torch.manual_seed(seed)
-    model = LociS(preset).to(device).eval()
+    # "default" / a file: a trained checkpoint's architecture (the latency does not depend on weights)
+    model = (LociS.from_pretrained(preset) if preset == "default" or os.path.isfile(preset)
+             else LociS(preset)).to(device).eval()
     params = sum(p.numel() for p in model.parameters()) / 1e6
     cfg = model.config
     s = cfg.image_size
@@ -75,7 +80,7 @@ def bench_model(preset: str, device: str, batch_size: int, *, steps: int = 5, wa
     with torch.inference_mode():
         state = model.init_state(batch_size, device, seed=seed)
         t0 = time.perf_counter()
-        _, state = step(frames, depth, state, mode=mode)
+        _, state = step(frames, depth, state, mode=mode, reconstruct_rgb=reconstruct_rgb)
         sync()
         first = time.perf_counter() - t0
         if log:
@@ -84,7 +89,7 @@ def bench_model(preset: str, device: str, batch_size: int, *, steps: int = 5, wa
             frames = (frames + 0.01 * torch.randn_like(frames)).clamp(0, 1)
             sync()
             t0 = time.perf_counter()
-            _, state = step(frames, depth, state, mode=mode)
+            _, state = step(frames, depth, state, mode=mode, reconstruct_rgb=reconstruct_rgb)
             sync()
             if i >= warmup_steps:
                 times.append(time.perf_counter() - t0)
@@ -92,7 +97,7 @@ def bench_model(preset: str, device: str, batch_size: int, *, steps: int = 5, wa
                     log(f"  {preset} {device} batch {batch_size}: step {i - warmup_steps + 1}/{steps} "
                         f"{times[-1] * 1e3:.0f} ms")
     latency = statistics.median(times)
-    return {"preset": preset, "device": device, "batch": batch_size, "mode": mode,
+    return {"preset": preset, "device": device, "batch": batch_size, "mode": mode, "rgb": reconstruct_rgb,
             "latency_ms": latency * 1e3, "frames_per_s": batch_size / latency, "params_m": params,
             "first_step_ms": first * 1e3, "steps": steps}
 
@@ -113,9 +118,10 @@ def _run_model(args: argparse.Namespace) -> int:
     for preset in args.presets:
         for batch in args.batch_sizes:
             rows.append(bench_model(preset, device, batch, steps=args.steps, warmup_steps=args.warmup_steps,
-                                    mode=args.mode, compile=args.compile, seed=args.seed, log=log))
+                                    mode=args.mode, compile=args.compile, seed=args.seed,
+                                    reconstruct_rgb=not args.no_rgb, log=log))
     print(f"LociS.step latency (eval, inference_mode, mode={args.mode}, median of {args.steps} steps, "
-          f"warm-up excluded)")
+          f"warm-up excluded{', no current-frame RGB reconstruction' if args.no_rgb else ''})")
     print(_format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -127,7 +133,8 @@ def _add_model_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("model", help="LociS.step latency per preset / device / batch size",
                               description="Median LociS.step latency (model.eval(), torch.inference_mode, "
                                           "first-frame warm-up excluded).")
-    p.add_argument("--presets", nargs="+", default=["tiny"], help="model presets (default: tiny)")
+    p.add_argument("--presets", nargs="+", default=["tiny"],
+                   help="model presets, 'default' (the shipped checkpoint) or a model file (default: tiny)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16], help="batch sizes (default: 1 16)")
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     p.add_argument("--compile", action="store_true", help="torch.compile the step")
@@ -135,6 +142,8 @@ def _add_model_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps after the first frame")
     p.add_argument("--mode", default="seg", choices=["rnd", "reg", "seg"], help="slot assignment mode")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-rgb", action="store_true",
+                   help="skip the current frame's RGB reconstruction, as the RL wrappers do")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=_run_model)

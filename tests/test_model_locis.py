@@ -138,6 +138,22 @@ def test_rows_independent_with_per_row_randomness(tiny_model, mode):
                                                msg=lambda m: f"row {i}, frame {t}, key {key}: {m}")
 
 
+def test_skipping_the_current_rgb_reconstruction_changes_nothing_else(tiny_model):
+    model = tiny_model
+    s, b = model.config.image_size, 2
+    seq = [frames(b, s, seed=20 + t)[0] for t in range(3)]
+    full, lean = model.init_state(b, seed=7), model.init_state(b, seed=7)
+    with torch.no_grad():
+        for t in range(3):
+            out_full, full = model.step(seq[t], None, full, mode="seg")
+            out_lean, lean = model.step(seq[t], None, lean, mode="seg", reconstruct_rgb=False)
+            assert set(out_full.keys()) - set(out_lean.keys()) == {"rgb", "slot_rgb"}
+            for key in out_lean.keys():
+                torch.testing.assert_close(out_lean[key], out_full[key], msg=lambda m: f"frame {t}, {key}: {m}")
+            for key in full.keys():
+                torch.testing.assert_close(lean[key], full[key], msg=lambda m: f"frame {t}, state {key}: {m}")
+
+
 def test_row_uniform_is_counter_based():
     seed = torch.tensor([1, 2, 3], dtype=torch.int64)
     frame = torch.tensor([0, 5, 7], dtype=torch.int64)
@@ -411,6 +427,14 @@ def test_bench_parser():
     assert args.steps == 2 and args.json == "out.json" and callable(args.func)
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
+    assert build_parser().parse_args(["model", "--no-rgb"]).no_rgb
+
+
+def test_bench_model_times_the_lean_step():
+    from locis_rl.bench import bench_model
+
+    row = bench_model("tiny", "cpu", 2, steps=1, warmup_steps=0, reconstruct_rgb=False)
+    assert row["rgb"] is False and row["latency_ms"] > 0 and row["batch"] == 2
 
 
 def test_seg_mode_falls_back_to_sampling_when_the_proposal_network_finds_nothing():

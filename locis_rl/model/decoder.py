@@ -197,16 +197,20 @@ class CascadedDecoder(nn.Module):
         """Unoccluded object mask logits ``[N, 1, H, W]``; runs the mask decoder only."""
         return self.mask_decoder(position, self._split(gestalt)[0])
 
-    def forward(self, position: torch.Tensor, gestalt: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, position: torch.Tensor, gestalt: torch.Tensor, rgb: bool = True) -> dict[str, torch.Tensor]:
+        """``rgb=False`` stops the cascade after depth (no ``rgb`` key): RGB is its last stage,
+        so mask and depth are the same either way."""
         g_mask, g_depth, g_rgb = self._split(gestalt)
         mask_logits = self.mask_decoder(position, g_mask)
         mask = torch.sigmoid(mask_logits)
         depth = self.depth_decoder(position, g_depth, mask)
-        rgb = self.rgb_decoder(position, g_rgb, mask, depth)
-        return {"mask_logits": mask_logits, "depth": depth, "rgb": rgb}
+        out = {"mask_logits": mask_logits, "depth": depth}
+        if rgb:
+            out["rgb"] = self.rgb_decoder(position, g_rgb, mask, depth)
+        return out
 
     def compose(self, mask_logits: torch.Tensor, priority: torch.Tensor, presence: torch.Tensor,
-                slot_rgb: torch.Tensor, slot_depth: torch.Tensor, background_rgb: torch.Tensor,
+                slot_rgb: torch.Tensor | None, slot_depth: torch.Tensor, background_rgb: torch.Tensor,
                 background_depth: torch.Tensor, temperature: float | None = None) -> dict[str, torch.Tensor]:
         """:func:`compose` with ``config.decoder.occlusion_temperature`` as the default temperature."""
         return compose(mask_logits, priority, presence, slot_rgb, slot_depth, background_rgb,
@@ -214,7 +218,7 @@ class CascadedDecoder(nn.Module):
 
 
 def compose(mask_logits: torch.Tensor, priority: torch.Tensor, presence: torch.Tensor,
-            slot_rgb: torch.Tensor, slot_depth: torch.Tensor, background_rgb: torch.Tensor,
+            slot_rgb: torch.Tensor | None, slot_depth: torch.Tensor, background_rgb: torch.Tensor,
             background_depth: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
     """Priority-ordered occlusion and composition of K slots over a background.
 
@@ -228,7 +232,8 @@ def compose(mask_logits: torch.Tensor, priority: torch.Tensor, presence: torch.T
     Args:
         mask_logits: ``[B, K, 1, H, W]`` unoccluded mask logits.
         priority: ``[B, K]`` (larger = closer). presence: ``[B, K]`` in ``[0, 1]`` (0 = absent slot).
-        slot_rgb: ``[B, K, 3, H, W]``; slot_depth: ``[B, K, 1, H, W]``.
+        slot_rgb: ``[B, K, 3, H, W]``, or ``None`` (no ``rgb`` in the result); slot_depth:
+            ``[B, K, 1, H, W]``.
         background_rgb: ``[B, 3, H, W]``; background_depth: ``[B, 1, H, W]``.
         temperature: softness of the ordering (> 0; smaller = harder).
 
@@ -251,6 +256,8 @@ def compose(mask_logits: torch.Tensor, priority: torch.Tensor, presence: torch.T
     background = (1 - visible.sum(dim=1, keepdim=True)).clamp_min(0)
     masks = torch.cat([visible, background], dim=1)
     masks = masks / masks.sum(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    rgb = torch.einsum("bkhw,bkchw->bchw", masks[:, :k], slot_rgb) + masks[:, k:] * background_rgb
     depth = torch.einsum("bkhw,bkchw->bchw", masks[:, :k], slot_depth) + masks[:, k:] * background_depth
-    return {"masks": masks, "object_masks": objects, "rgb": rgb, "depth": depth}
+    out = {"masks": masks, "object_masks": objects, "depth": depth}
+    if slot_rgb is not None:
+        out["rgb"] = torch.einsum("bkhw,bkchw->bchw", masks[:, :k], slot_rgb) + masks[:, k:] * background_rgb
+    return out

@@ -301,6 +301,8 @@ class SlotPerception:
         self.use_depth = bool(config.use_depth)
         # Slot-assignment modes are Loci-s's; models without them (SAVi) get mode=None.
         self.mode = mode if hasattr(config, "assignment") else None
+        # The features never read the current frame's RGB reconstruction: skip its decoder.
+        self._step_options = {"reconstruct_rgb": False} if hasattr(config, "assignment") else {}
         self.num_envs = int(num_envs)
         base = int(np.random.SeedSequence().entropy % _MAX_SEED) if seed is None else _check_seed(seed)
         self._stream = np.array([base + i for i in range(self.num_envs)], dtype=np.int64)
@@ -359,7 +361,7 @@ class SlotPerception:
     def run(self, rgb: torch.Tensor, depth: torch.Tensor | None, state: TensorDict
             ) -> tuple[dict[str, torch.Tensor], TensorDict, TensorDict]:
         """One model step on preprocessed input -> (features (float32 torch), model output, state)."""
-        out, state = self.model.step(rgb, depth, state, mode=self.mode)
+        out, state = self.model.step(rgb, depth, state, mode=self.mode, **self._step_options)
         features = {
             "gestalt": out["gestalt"].float(),
             "position": out["position"].float(),
