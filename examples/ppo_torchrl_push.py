@@ -43,6 +43,7 @@ try:  # TorchRL >= 0.14 names the single-process collector `Collector`
 except ImportError:  # pragma: no cover - older TorchRL
     from torchrl.collectors import SyncDataCollector as Collector
 
+from locis_rl.model.config import LociSConfig, apply_inference_overrides
 from locis_rl.model.locis import LociS
 from locis_rl.rl.perception import load_model
 from locis_rl.rl.torchrl import LociSTransform, make_slot_actor, make_slot_value
@@ -65,6 +66,9 @@ class Args:
     """device of the Loci-s model: auto, cpu or cuda (the PPO networks stay on the CPU)"""
     warmup: int = 0
     """slot warm-up iterations on the first frame of an episode (0: keep the checkpoint's value)"""
+    num_slots: int = 8
+    """slots per frame (0: the checkpoint's own, 6 for the shipped one); the scene holds goal patch,
+    target, pusher and 3 distractors, so 8 leaves room for a spurious slot"""
 
     # environment
     num_envs: int = 4
@@ -128,14 +132,18 @@ def parse_args() -> Args:
     return Args(**vars(parser.parse_args()))
 
 
-def load_locis(checkpoint: str, warmup: int = 0) -> torch.nn.Module:
+def load_locis(checkpoint: str, warmup: int = 0, num_slots: int = 0) -> torch.nn.Module:
     """The frozen Loci-s model: ``"tiny"`` (random weights), ``"default"`` or a checkpoint path."""
-    if checkpoint == "tiny":
-        model = LociS("tiny")
-    else:
-        model = load_model(checkpoint)  # a missing file raises FileNotFoundError saying how to get one
+    overrides = {}
+    if num_slots > 0:
+        overrides["num_slots"] = num_slots
     if warmup > 0:
-        model.config.assignment.warmup_inference = warmup
+        overrides["assignment.warmup_inference"] = warmup
+    if checkpoint == "tiny":
+        model = LociS(apply_inference_overrides(LociSConfig.preset("tiny"), overrides))
+    else:
+        # a missing file raises FileNotFoundError saying how to get one
+        model = load_model(checkpoint, overrides)
     return model.eval().requires_grad_(False)
 
 
@@ -174,7 +182,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     # ---- perception and envs ----------------------------------------------------------------
-    locis = load_locis(args.checkpoint, args.warmup)
+    locis = load_locis(args.checkpoint, args.warmup, args.num_slots)
     env = make_env(args, locis, args.num_envs, seed=args.seed)
     print("slot features:", {key: tuple(env.observation_spec[key].shape) for key in
                              ("slot_gestalt", "slot_position", "slot_depth", "slot_presence")})

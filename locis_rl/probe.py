@@ -23,7 +23,8 @@ Method
    visible in ``info["segmentation"]`` (ids > 0 with at least one pixel) is computed and the slots
    are matched to objects by the Hungarian algorithm (``scipy.optimize.linear_sum_assignment``,
    maximising total IoU); only pairs with ``IoU >= min_iou`` (default 0.2) and ``IoU > 0`` are
-   kept. *Match rate* = matched pairs / visible object instances (summed over frames); *mean IoU* =
+   kept. *Match rate* = matched pairs / visible object instances (summed over frames), also per
+   object id (``match_rate_by_object``: is the agent's own effector ever in a slot?); *mean IoU* =
    mean over kept pairs.
 3. **Samples.** Each kept pair is one sample: the slot's features ``gestalt [G]``, ``position [4]``
    (x, y, size, priority) and ``slot_depth [1]`` (also concatenated: ``all``), and the object's

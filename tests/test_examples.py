@@ -40,3 +40,17 @@ def test_ppo_torchrl_push_smoke(tmp_path):
     assert "eval/success_rate:" in out
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "policy.pt").is_file()
+
+
+@pytest.mark.slow
+def test_decode_push_state_smoke(tmp_path):
+    out_json = tmp_path / "decode.json"
+    out = run_script(["examples/decode_push_state.py", "--checkpoint", "tiny", "--num-envs", "2",
+                      "--episodes-per-env", "2", "--steps", "8", "--iterations", "20", "--json-out",
+                      str(out_json)], tmp_path)
+    assert "| target-pusher dx |" in out and "| goal-target dy |" in out
+    import json
+
+    report = json.loads(out_json.read_text())
+    assert set(report["r2"]) == {"target-pusher dx", "target-pusher dy", "goal-target dx", "goal-target dy"}
+    assert report["train_frames"] == 15 and report["test_frames"] == 5  # whole episodes held out
