@@ -169,6 +169,27 @@ def test_summary_steps_to_oracle_and_table():
     assert "| slots | 0.900 +- 0.000 | - |" in table
 
 
+def test_progress_report_shows_unfinished_runs_from_their_mid_run_checkpoints(tmp_path, capsys):
+    report_args = [*SMOKE, "--inputs", "slots", "state", "--out", str(tmp_path), "--progress-report"]
+    with pytest.raises(SystemExit, match="no finished run"):
+        main(report_args)
+    assert main([*SMOKE, "--inputs", "state", "--out", str(tmp_path)]) == 0  # one finished run
+    state_final = json.loads((tmp_path / "results.json").read_text())["runs"]["state_seed0"]["final_success"]
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "slots_seed0.zip").write_bytes(b"policy")
+    (tmp_path / "partial" / "slots_seed0.json").write_text(json.dumps(
+        {"num_timesteps": 80, "steps": [0, 64], "success": [0.0, 0.5], "next_eval": 128}))
+    capsys.readouterr()
+    assert main(report_args) == 0
+    report = (tmp_path / "progress.md").read_text()
+    assert capsys.readouterr().out.strip() == report.strip()
+    assert "| slots | 1 | 0.500 +- 0.000 |" in report  # the last evaluation so far
+    assert f"| state | 1 | {state_final:.3f} +- 0.000 |" in report
+    assert "slots_seed0 at 80 env steps" in report
+    assert (tmp_path / "learning_curves_progress.png").stat().st_size > 0
+    assert (tmp_path / "partial" / "slots_seed0.json").exists()  # nothing was trained or cleaned up
+
+
 def test_bench_wrapper_smoke(tmp_path):
     path = tmp_path / "bench.json"
     out = check(run_module(["locis_rl.bench", "wrapper", "--checkpoint", "tiny", "--steps", "5", "--warmup", "2",

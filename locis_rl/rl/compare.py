@@ -23,6 +23,8 @@ Outputs in ``--out``:
     learning_curves.png       success rate vs env steps, mean +- std over seeds, one line per input
     distractors.png           success rate vs number of distractors
     models/<input>_seed<k>.zip, tb/ (TensorBoard)
+    progress.md, learning_curves_progress.png   with ``--progress-report`` (trains nothing): the
+                              curves so far, unfinished runs included from their mid-run checkpoints
 
 Resuming: runs already completed in ``results.json`` are skipped (their saved models are only
 re-evaluated for distractor counts not measured yet); settings that change training must match.
@@ -551,7 +553,44 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(f.name for f in dataclasses.fields(PPOConfig))})")
     p.add_argument("--verbose", type=int, default=0, help="SB3 verbosity (1: rollout/train tables)")
     p.add_argument("--overwrite", action="store_true", help="ignore an existing results.json")
+    p.add_argument("--progress-report", action="store_true",
+                   help="train nothing: write the curves so far (finished runs and the mid-run checkpoints "
+                        "of runs still going) to progress.md / learning_curves_progress.png")
     return p
+
+
+def progress_runs(results: dict[str, Any], out: str, todo: list[tuple[str, int]], timesteps: int
+                  ) -> dict[str, dict[str, Any]]:
+    """The finished runs of ``todo`` and, for the unfinished ones, their curves so far.
+
+    An unfinished run's entry has ``in_progress: True``, ``final_success`` = its last evaluation
+    and no distractor figures; runs without any evaluation yet are left out.
+    """
+    runs: dict[str, dict[str, Any]] = {}
+    for input_name, seed in todo:
+        key = run_key(input_name, seed)
+        if key in results["runs"]:
+            runs[key] = results["runs"][key]
+            continue
+        progress = load_progress(out, key, timesteps)
+        if progress and progress["success"]:
+            runs[key] = {"input": input_name, "seed": seed, "steps": progress["steps"],
+                         "success": progress["success"], "final_success": progress["success"][-1],
+                         "num_timesteps": progress["num_timesteps"], "distractors": {}, "in_progress": True}
+    return runs
+
+
+def write_progress_report(runs: dict[str, dict[str, Any]], settings: dict[str, Any], out: str) -> str:
+    """``progress.md`` + ``learning_curves_progress.png`` in ``out``; returns the markdown."""
+    summary = summarise(runs)
+    plot_learning_curves(summary, os.path.join(out, "learning_curves_progress.png"))
+    going = [f"{k} at {r['num_timesteps']} env steps" for k, r in sorted(runs.items()) if r.get("in_progress")]
+    table = markdown_table(summary, settings)
+    table += ("\nIn progress (their \"final success\" is the last evaluation so far; curves are cut to the "
+              "shortest run of each input): " + ", ".join(going) + ".\n") if going else ""
+    with open(os.path.join(out, "progress.md"), "w") as f:
+        f.write(table)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -580,6 +619,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = results["runs"]
 
     todo = [(i, s) for i in args.inputs for s in args.seeds]
+    if args.progress_report:
+        runs_so_far = progress_runs(results, args.out, todo, args.timesteps)
+        if not runs_so_far:
+            raise SystemExit(f"error: no finished run and no evaluated mid-run checkpoint in {args.out} for "
+                             f"{', '.join(run_key(i, s) for i, s in todo)}")
+        print(write_progress_report(runs_so_far, settings, args.out))
+        return 0
     pending = [(i, s) for i, s in todo if run_key(i, s) not in runs]
     needs_locis = any(i == "slots" and (run_key(i, s) not in runs or any(
         str(n) not in runs[run_key(i, s)]["distractors"] for n in args.eval_distractors)) for i, s in todo)
