@@ -179,7 +179,7 @@ def test_run_probe_tiny_locis_end_to_end():
         by_object = res["match_rate_by_object"]
         assert by_object and all(0.0 <= r <= 1.0 for r in by_object.values())
         assert set(res["probes"]["all"]) == {"linear", "mlp"}
-        assert {"position_r2", "color_r2", "size_r2", "shape_acc", "shape_chance"} <= set(
+        assert {"position_r2", "position_xy_r2", "color_r2", "size_r2", "shape_acc", "shape_chance"} <= set(
             res["probes"]["all"]["linear"])
     table = format_table(report)
     assert table.count("\n") == 5 and "position R²" in table and "control (random init)" in table
