@@ -30,9 +30,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 import envs  # noqa: F401  (registers the locis/... env ids)
-from locis_rl.model.config import LociSConfig, apply_inference_overrides
-from locis_rl.model.locis import LociS
-from locis_rl.rl.perception import load_model
+from locis_rl.rl.perception import load_locis
 from locis_rl.rl.sb3 import LociSVecEnvWrapper, SlotSetExtractor
 
 
@@ -114,21 +112,6 @@ def parse_args() -> Args:
     return Args(**vars(parser.parse_args()))
 
 
-def load_locis(checkpoint: str, warmup: int = 0, num_slots: int = 0) -> torch.nn.Module:
-    """The frozen Loci-s model: ``"tiny"`` (random weights), ``"default"`` or a checkpoint path."""
-    overrides = {}
-    if num_slots > 0:
-        overrides["num_slots"] = num_slots
-    if warmup > 0:
-        overrides["assignment.warmup_inference"] = warmup
-    if checkpoint == "tiny":
-        model = LociS(apply_inference_overrides(LociSConfig.preset("tiny"), overrides))
-    else:
-        # a missing file raises FileNotFoundError saying how to get one
-        model = load_model(checkpoint, overrides)
-    return model.eval().requires_grad_(False)
-
-
 def make_env(args: Args, model: torch.nn.Module, num_envs: int, seed: int) -> VecEnv:
     """``num_envs`` PushObjects envs, their pixels turned into slot features on the env side."""
     venv = make_vec_env("locis/PushObjects-v0", n_envs=num_envs, seed=seed,
@@ -165,7 +148,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     # ---- perception and envs ----------------------------------------------------------------
-    locis = load_locis(args.checkpoint, args.warmup, args.num_slots)
+    locis = load_locis(args.checkpoint, args.warmup, args.num_slots, seed=None)  # tiny: from the seed above
     envs_train = make_env(args, locis, args.num_envs, seed=args.seed)
     print(f"slot features: {envs_train.observation_space}")
 

@@ -43,9 +43,7 @@ try:  # TorchRL >= 0.14 names the single-process collector `Collector`
 except ImportError:  # pragma: no cover - older TorchRL
     from torchrl.collectors import SyncDataCollector as Collector
 
-from locis_rl.model.config import LociSConfig, apply_inference_overrides
-from locis_rl.model.locis import LociS
-from locis_rl.rl.perception import load_model
+from locis_rl.rl.perception import load_locis
 from locis_rl.rl.torchrl import LociSTransform, make_slot_actor, make_slot_value
 
 STATE_KEY = "locis"
@@ -132,21 +130,6 @@ def parse_args() -> Args:
     return Args(**vars(parser.parse_args()))
 
 
-def load_locis(checkpoint: str, warmup: int = 0, num_slots: int = 0) -> torch.nn.Module:
-    """The frozen Loci-s model: ``"tiny"`` (random weights), ``"default"`` or a checkpoint path."""
-    overrides = {}
-    if num_slots > 0:
-        overrides["num_slots"] = num_slots
-    if warmup > 0:
-        overrides["assignment.warmup_inference"] = warmup
-    if checkpoint == "tiny":
-        model = LociS(apply_inference_overrides(LociSConfig.preset("tiny"), overrides))
-    else:
-        # a missing file raises FileNotFoundError saying how to get one
-        model = load_model(checkpoint, overrides)
-    return model.eval().requires_grad_(False)
-
-
 def make_env(args: Args, model: torch.nn.Module, num_envs: int, seed: int) -> TransformedEnv:
     """``num_envs`` batched envs -> slot features (one batched Loci-s step), step count, return."""
     batched = ParallelEnv if args.parallel else SerialEnv
@@ -182,7 +165,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     # ---- perception and envs ----------------------------------------------------------------
-    locis = load_locis(args.checkpoint, args.warmup, args.num_slots)
+    locis = load_locis(args.checkpoint, args.warmup, args.num_slots, seed=None)  # tiny: from the seed above
     env = make_env(args, locis, args.num_envs, seed=args.seed)
     print("slot features:", {key: tuple(env.observation_spec[key].shape) for key in
                              ("slot_gestalt", "slot_position", "slot_depth", "slot_presence")})

@@ -154,24 +154,6 @@ def _add_model_parser(subparsers: argparse._SubParsersAction) -> None:
 WRAPPER_ENV = "locis/PushObjects-v0"
 
 
-def _load_locis(checkpoint: str, warmup: int = 0) -> Any:
-    """``"tiny"`` (random weights, seed 0), ``"default"`` or a checkpoint path; eval mode, frozen."""
-    import torch
-
-    from locis_rl.model import LociS
-    from locis_rl.rl.perception import load_model
-
-    if checkpoint == "tiny":
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = LociS("tiny")
-    else:
-        model = load_model(checkpoint)  # FileNotFoundError says how to get a checkpoint
-    if warmup > 0:
-        model.config.assignment.warmup_inference = warmup
-    return model.eval().requires_grad_(False)
-
-
 def _make_env(num_envs: int, vector: str, env_kwargs: dict[str, Any] | Sequence[dict[str, Any]]) -> Any:
     """A plain env (``vector="none"``) or a sync / async vector env of :data:`WRAPPER_ENV`.
 
@@ -251,9 +233,11 @@ def _format_wrapper_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _run_wrapper(args: argparse.Namespace) -> int:
+    from locis_rl.rl.perception import load_locis
+
     device = _resolve_device(args.device)
     try:
-        model = _load_locis(args.checkpoint, args.warmup)
+        model = load_locis(args.checkpoint, args.warmup)
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
     env_kwargs = {"num_distractors": args.num_distractors}
@@ -580,12 +564,13 @@ def _run_memory(args: argparse.Namespace) -> int:
     import torch
 
     from locis_rl.evaluate import write_json
+    from locis_rl.rl.perception import load_locis
 
     device = _resolve_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        model = _load_locis(args.checkpoint, args.warmup)
+        model = load_locis(args.checkpoint, args.warmup)
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
     try:

@@ -127,6 +127,16 @@ def test_slot_count_reaches_the_wrapper_and_is_a_training_setting(tmp_path):
 
     model = load_locis("tiny", warmup=2, num_slots=3)
     assert model.config.num_slots == 3 and model.config.assignment.warmup_inference == 2
+    import torch
+
+    from locis_rl.model import LociS
+
+    torch.manual_seed(3)
+    from_global_rng = load_locis("tiny", seed=None)  # the examples' tiny weights follow their --seed
+    torch.manual_seed(3)
+    reference = LociS("tiny")
+    for got, expected in zip(from_global_rng.parameters(), reference.parameters()):
+        assert torch.equal(got, expected)
     venv = make_venv("slots", 1, seed=0, max_steps=5, locis=model, device="cpu")
     try:
         assert venv.observation_space["gestalt"].shape[0] == 3

@@ -58,7 +58,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 from tqdm import tqdm
 
 from locis_rl.atomic_files import write_atomically
-from locis_rl.rl.perception import load_model
+from locis_rl.rl.perception import load_locis
 from locis_rl.rl.sb3 import LociSVecEnvWrapper, SlotSetExtractor
 
 __all__ = ["PPOConfig", "INPUTS", "make_venv", "evaluate_success", "summarise", "main"]
@@ -120,33 +120,6 @@ class RGBObservation(gym.ObservationWrapper):
 
     def observation(self, observation: dict[str, np.ndarray]) -> np.ndarray:
         return observation["rgb"]
-
-
-def load_locis(checkpoint: str, warmup: int = 0, num_slots: int = 0) -> torch.nn.Module:
-    """The frozen Loci-s model: ``"tiny"`` (random weights, seed 0), ``"default"`` or a path.
-
-    Args:
-        warmup, num_slots: slot warm-up iterations on the first frame and slot count (0: the
-            checkpoint's own).
-
-    Raises:
-        FileNotFoundError: the checkpoint does not exist (the message says how to get one).
-    """
-    overrides: dict[str, Any] = {}
-    if num_slots > 0:
-        overrides["num_slots"] = num_slots
-    if warmup > 0:
-        overrides["assignment.warmup_inference"] = warmup
-    if checkpoint == "tiny":
-        from locis_rl.model.config import LociSConfig, apply_inference_overrides
-        from locis_rl.model.locis import LociS
-
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = LociS(apply_inference_overrides(LociSConfig.preset("tiny"), overrides))
-    else:
-        model = load_model(checkpoint, overrides)
-    return model.eval().requires_grad_(False)
 
 
 def make_venv(input_name: str, num_envs: int, seed: int, *, num_distractors: int = 3,

@@ -53,6 +53,7 @@ __all__ = [
     "FEATURE_KEYS",
     "SlotPerception",
     "load_model",
+    "load_locis",
     "resolve_device",
     "flatten_features",
     "slot_palette",
@@ -112,6 +113,39 @@ def load_model(model: Any = "default", overrides: Mapping[str, Any] | None = Non
             raise TypeError(f"model: expected a LociS-like module with `{attr}`, actual value: "
                             f"{type(module).__name__}")
     return module
+
+
+def load_locis(checkpoint: str, warmup: int = 0, num_slots: int = 0, seed: int | None = 0) -> torch.nn.Module:
+    """A frozen Loci-s in eval mode: ``"tiny"`` (random weights), ``"default"`` or a checkpoint path.
+
+    Args:
+        warmup, num_slots: slot warm-up iterations on the first frame and slot count (0: the
+            checkpoint's own), applied as inference-time overrides.
+        seed: the random weights of ``"tiny"`` come from ``torch.manual_seed(seed)`` without
+            touching the global RNG; ``None`` draws them from the global RNG instead.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist (the message says how to get one).
+    """
+    overrides: dict[str, Any] = {}
+    if num_slots > 0:
+        overrides["num_slots"] = num_slots
+    if warmup > 0:
+        overrides["assignment.warmup_inference"] = warmup
+    if checkpoint == "tiny":
+        from locis_rl.model.config import LociSConfig, apply_inference_overrides
+        from locis_rl.model.locis import LociS
+
+        config = apply_inference_overrides(LociSConfig.preset("tiny"), overrides)
+        if seed is None:
+            model = LociS(config)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = LociS(config)
+    else:
+        model = load_model(checkpoint, overrides)
+    return model.eval().requires_grad_(False)
 
 
 def _episode_seed(stream: int, episode: int) -> int:
