@@ -168,8 +168,10 @@ if __name__ == "__main__":
         ent_coef=args.ent_coef,
         vf_coef=args.vf_coef,
         max_grad_norm=args.max_grad_norm,
+        # Actor and critic get their own slot encoder: a shared one is shaped by the value loss.
         policy_kwargs=dict(features_extractor_class=SlotSetExtractor,
                            features_extractor_kwargs=dict(features_dim=args.features_dim),
+                           share_features_extractor=False,
                            net_arch=dict(pi=[128], vf=[128])),
         tensorboard_log=run_dir,
         seed=args.seed,

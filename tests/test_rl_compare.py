@@ -36,14 +36,14 @@ def test_compare_smoke_outputs_and_resume(tmp_path, capsys):
     check(run_module(["locis_rl.rl.compare", *SMOKE, "--out", str(out_dir)]))
     results = json.loads((out_dir / "results.json").read_text())
     assert set(results) >= {"version", "settings", "runs", "summary"}
-    assert set(results["runs"]) == {"slots_seed0", "pixels_seed0", "state_seed0"}
+    assert set(results["runs"]) == {"slots_seed0", "pixels_seed0", "state_seed0", "oracle_slots_seed0"}
     for run in results["runs"].values():
         assert set(run) >= RUN_KEYS
         assert run["steps"][0] == 0 and run["steps"][-1] == run["num_timesteps"] == 128
         assert len(run["success"]) == len(run["steps"]) and 0.0 <= run["final_success"] <= 1.0
         assert set(run["distractors"]) == {"3"}
         assert (out_dir / run["model"]).is_file()
-    assert set(results["summary"]) >= {"slots", "pixels", "state", "oracle_final"}
+    assert set(results["summary"]) >= {"slots", "pixels", "state", "oracle_slots", "oracle_final"}
     for name in ("learning_curves.png", "distractors.png", "results.md"):
         assert (out_dir / name).stat().st_size > 0
     assert any((out_dir / "tb").rglob("events.out.tfevents.*"))
@@ -208,3 +208,33 @@ def test_bench_wrapper_smoke(tmp_path):
     rows = json.loads(path.read_text())
     assert [(r["num_envs"], r["vector"]) for r in rows] == [(1, "none"), (2, "sync")]
     assert all(r["raw_steps_per_s"] > 0 and r["wrapped_steps_per_s"] > 0 for r in rows)
+
+
+def test_oracle_slots_hold_the_true_positions_in_a_new_order_each_episode():
+    import numpy as np
+
+    from locis_rl.rl.compare import ORACLE_KINDS, OracleSlots, make_venv
+
+    venv = make_venv("oracle_slots", 2, seed=3, max_steps=3, oracle_slots=6)
+    assert isinstance(venv, OracleSlots) and venv.observation_space["gestalt"].shape == (6, len(ORACLE_KINDS))
+    state_venv = make_venv("state", 2, seed=3, max_steps=3)  # same seeds: the same scenes
+    obs, state = venv.reset(), state_venv.reset()
+    first_order = venv._order.copy()
+    for row in range(2):
+        assert venv.observation_space.contains({k: v[row] for k, v in obs.items()})
+        kind = obs["gestalt"][row].argmax(-1)
+        present = obs["presence"][row] > 0.5
+        assert sorted(kind[present].tolist()) == [0, 1, 2, 3, 3, 3]  # 3 distractors, 6 slots
+        for k, (lo, hi) in zip(range(3), [(0, 2), (4, 6), (8, 10)]):  # pusher, target, goal
+            np.testing.assert_allclose(obs["position"][row][kind == k][0, :2], state[row, lo:hi], atol=1e-6)
+    first = obs
+    for _ in range(3):  # the episodes end (max_steps=3): terminal slots in the old order, then a new one
+        obs, _, dones, infos = venv.step(np.zeros((2, 2), np.float32))
+    assert dones.all()
+    for row in range(2):
+        terminal = infos[row]["terminal_observation"]
+        assert set(terminal) == {"gestalt", "position", "depth", "presence"}
+        np.testing.assert_array_equal(terminal["gestalt"], first["gestalt"][row])
+    assert not np.array_equal(venv._order, first_order)
+    with pytest.raises(ValueError, match="state_distractors"):
+        OracleSlots(state_venv, num_slots=8)

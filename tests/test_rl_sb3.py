@@ -78,10 +78,37 @@ def test_slot_set_extractor_permutation_invariant_and_all_absent(model):
     perm = torch.randperm(k)
     out_perm = extractor({key: v[:, perm] for key, v in obs.items()})
     torch.testing.assert_close(out, out_perm, atol=1e-5, rtol=1e-5)
-    # an absent slot's content does not matter
+    # an absent slot's content does not matter, in an empty row or beside present slots
     changed = {key: v.clone() for key, v in obs.items()}
     changed["gestalt"][2] = 5.0
-    torch.testing.assert_close(extractor(changed)[2], out[2])
+    obs["presence"][0, :2] = torch.tensor([1.0, 0.0])
+    out = extractor(obs)
+    changed = {key: v.clone() for key, v in obs.items()}
+    changed["gestalt"][2] = 5.0
+    changed["gestalt"][0, 1] += 3.0
+    changed["position"][0, 1] -= 2.0
+    changed["depth"][0, 1] += 1.0
+    torch.testing.assert_close(extractor(changed), out)
+    # a present slot's position does matter (the relations are inputs)
+    moved = {key: v.clone() for key, v in obs.items()}
+    moved["position"][0, 0, :2] += 0.5
+    assert not torch.allclose(extractor(moved)[0], out[0])
+
+
+def test_slot_set_encoder_tells_which_object_is_where_and_takes_any_batch_rank():
+    # The same two positions held by two different objects, swapped between the rows.
+    from locis_rl.rl.slot_set import SlotSetEncoder
+
+    torch.manual_seed(0)
+    encoder = SlotSetEncoder(4, features_dim=16, hidden=16)
+    gestalt = torch.eye(4)[None, :2].expand(2, 2, 4)
+    position = torch.zeros(2, 2, 4)
+    position[0, :, :2] = torch.tensor([[0.0, 0.0], [0.5, 0.0]])
+    position[1, :, :2] = torch.tensor([[0.5, 0.0], [0.0, 0.0]])
+    out = encoder(gestalt, position, torch.zeros(2, 2, 1), torch.ones(2, 2))
+    assert out.shape == (2, 16) and not torch.allclose(out[0], out[1])
+    # leading batch dimensions of any rank
+    assert encoder(gestalt[None], position[None], torch.zeros(1, 2, 2, 1), torch.ones(1, 2, 2)).shape == (1, 2, 16)
 
 
 def test_vec_wrapper_num_slots_override_space(model, tmp_path):
@@ -111,7 +138,9 @@ def test_ppo_runs_with_slot_set_extractor(model):
                               device="cpu")
     ppo = PPO("MultiInputPolicy", venv, n_steps=48, batch_size=48, n_epochs=2, seed=0, device="cpu",
               policy_kwargs=dict(features_extractor_class=SlotSetExtractor,
-                                 features_extractor_kwargs=dict(features_dim=32, hidden=32)))
+                                 features_extractor_kwargs=dict(features_dim=32, hidden=32),
+                                 share_features_extractor=False))
     ppo.learn(total_timesteps=192)
     assert ppo.num_timesteps >= 192
-    assert isinstance(ppo.policy.features_extractor, SlotSetExtractor)
+    assert isinstance(ppo.policy.pi_features_extractor, SlotSetExtractor)
+    assert ppo.policy.vf_features_extractor is not ppo.policy.pi_features_extractor

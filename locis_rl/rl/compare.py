@@ -1,11 +1,14 @@
 """Slots vs pixels vs ground-truth state: PPO on ``locis/PushObjects-v0`` with equal budgets.
 
-Three inputs, one set of PPO hyper-parameters (:class:`PPOConfig`) and one env-step budget:
+Four inputs, one set of PPO hyper-parameters (:class:`PPOConfig`) and one env-step budget:
 
-    slots   frozen Loci-s slot features (``LociSVecEnvWrapper``, batched on the env side) read by
-            ``SlotSetExtractor`` (``MultiInputPolicy``)
-    pixels  the RGB image (64x64x3 uint8, ``VecTransposeImage``) read by SB3's ``CnnPolicy``
-    state   the ground-truth state vector (``obs_mode="state"``), the oracle, with ``MlpPolicy``
+    slots         frozen Loci-s slot features (``LociSVecEnvWrapper``, batched on the env side) read
+                  by ``SlotSetExtractor`` (``MultiInputPolicy``, actor and critic each with their own)
+    pixels        the RGB image (64x64x3 uint8, ``VecTransposeImage``) read by SB3's ``CnnPolicy``
+    state         the ground-truth state vector (``obs_mode="state"``), the oracle, with ``MlpPolicy``
+    oracle_slots  perfect slots made from the true state (:class:`OracleSlots`), read like ``slots``:
+                  what the slot policy learns when perception makes no mistake. It separates the
+                  policy's share of a gap to ``state`` from the perception's share.
 
 For every (input, seed) the deterministic policy's success rate is measured every ``--eval-every``
 env steps on held-out env seeds (learning curves); after training each policy is evaluated, without
@@ -54,18 +57,22 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecTransposeImage
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecEnvWrapper, VecTransposeImage
 from tqdm import tqdm
 
 from locis_rl.atomic_files import write_atomically
 from locis_rl.rl.perception import load_locis
 from locis_rl.rl.sb3 import LociSVecEnvWrapper, SlotSetExtractor
 
-__all__ = ["PPOConfig", "INPUTS", "make_venv", "evaluate_success", "summarise", "main"]
+__all__ = ["PPOConfig", "INPUTS", "OracleSlots", "make_venv", "evaluate_success", "summarise", "main"]
 
 ENV_ID = "locis/PushObjects-v0"
-INPUTS = ("slots", "pixels", "state")
-POLICIES = {"slots": "MultiInputPolicy", "pixels": "CnnPolicy", "state": "MlpPolicy"}
+INPUTS = ("slots", "pixels", "state", "oracle_slots")
+POLICIES = {"slots": "MultiInputPolicy", "pixels": "CnnPolicy", "state": "MlpPolicy",
+            "oracle_slots": "MultiInputPolicy"}
+SLOT_INPUTS = ("slots", "oracle_slots")
+ORACLE_SLOTS_DEFAULT = 6
+"""Slots of ``oracle_slots`` when ``--num-slots 0`` (the shipped checkpoint's own number)."""
 EVAL_SEED = 1_000_000
 """Base seed of the held-out evaluation episodes (training envs use the run's seed)."""
 ORACLE = "state"
@@ -111,6 +118,76 @@ class PPOConfig:
 
 # ---- environments ------------------------------------------------------------------------------
 
+ORACLE_KINDS = ("pusher", "target", "goal", "distractor")
+
+
+class OracleSlots(VecEnvWrapper):
+    """Ground-truth slots of PushObjects from its state observation, in the layout of the Loci-s features.
+
+    One slot per thing on the table: pusher, target, goal patch and the ``num_slots - 3`` distractors
+    nearest to the pusher (fewer distractors leave slots absent). ``gestalt [K, 4]`` is the one-hot
+    kind (pusher, target, goal, distractor), ``position [K, 4]`` is ``(x, y, 0, 0)`` with x, y the
+    table position / ``STATE_POS_SCALE`` (edge at +-1), ``depth [K, 1]`` is 0, ``presence [K]`` is
+    1 or 0. Like Loci-s slots they carry no velocity and their order is arbitrary: a new random
+    permutation per episode (seeded), so the policy must tell the objects apart by their content.
+
+    ``venv`` must be PushObjects with ``obs_mode="state"`` and ``state_distractors = num_slots - 3``.
+    """
+
+    def __init__(self, venv: VecEnv, num_slots: int, seed: int = 0):
+        if num_slots < 3:
+            raise ValueError(f"num_slots: expected >= 3 (pusher, target, goal), actual value: {num_slots}")
+        expected = 14 + 5 * (num_slots - 3)
+        if venv.observation_space.shape != (expected,):
+            raise ValueError(f"OracleSlots: expected PushObjects state observations of size {expected} "
+                             f"(state_distractors={num_slots - 3}), actual space: {venv.observation_space}")
+        k, g = num_slots, len(ORACLE_KINDS)
+        space = gym.spaces.Dict({
+            "gestalt": gym.spaces.Box(0.0, 1.0, (k, g), np.float32),
+            "position": gym.spaces.Box(-np.inf, np.inf, (k, 4), np.float32),
+            "depth": gym.spaces.Box(-np.inf, np.inf, (k, 1), np.float32),
+            "presence": gym.spaces.Box(0.0, 1.0, (k,), np.float32),
+        })
+        super().__init__(venv, observation_space=space)
+        self.num_slots = k
+        self.seed_orders(seed)
+        kind = np.minimum(np.arange(k), g - 1)                     # pusher, target, goal, distractors
+        self._gestalt = np.eye(g, dtype=np.float32)[kind]          # [K, G] before the permutation
+
+    def seed_orders(self, seed: int | None) -> None:
+        """Restart the stream of slot orders (one permutation per env and episode)."""
+        self._rng = np.random.default_rng(seed)
+        self._order = np.stack([self._rng.permutation(self.num_slots) for _ in range(self.num_envs)])
+
+    def seed(self, seed: int | None = None):
+        self.seed_orders(seed)
+        return self.venv.seed(seed)
+
+    def slots(self, state: np.ndarray, order: np.ndarray) -> dict[str, np.ndarray]:
+        """``state [N, 14 + 5 (K-3)]``, ``order [N, K]`` -> the slot features of the N rows."""
+        n, k = state.shape[0], self.num_slots
+        distractors = state[:, 14:].reshape(n, k - 3, 5)
+        xy = np.concatenate([state[:, None, 0:2], state[:, None, 4:6], state[:, None, 8:10],
+                             distractors[..., :2]], 1)                               # [N, K, 2]
+        presence = np.concatenate([np.ones((n, 3), np.float32), distractors[..., 4]], 1)
+        position = np.concatenate([xy, np.zeros((n, k, 2))], -1)
+        features = {"gestalt": np.broadcast_to(self._gestalt, (n, k, self._gestalt.shape[1])),
+                    "position": position, "depth": np.zeros((n, k, 1)), "presence": presence}
+        return {key: np.take_along_axis(v, order.reshape(n, k, *([1] * (v.ndim - 2))), 1).astype(np.float32)
+                for key, v in features.items()}
+
+    def reset(self):
+        return self.slots(self.venv.reset(), self._order)
+
+    def step_wait(self):
+        obs, rewards, dones, infos = self.venv.step_wait()
+        for i in np.flatnonzero(dones):
+            final = self.slots(np.asarray(infos[i]["terminal_observation"])[None], self._order[i:i + 1])
+            infos[i]["terminal_observation"] = {key: v[0] for key, v in final.items()}
+            self._order[i] = self._rng.permutation(self.num_slots)   # the next episode's order
+        return self.slots(obs, self._order), rewards, dones, infos
+
+
 class RGBObservation(gym.ObservationWrapper):
     """Keep only the ``rgb`` image (``uint8 (H, W, 3)``) of PushObjects' pixel observation."""
 
@@ -124,12 +201,17 @@ class RGBObservation(gym.ObservationWrapper):
 
 def make_venv(input_name: str, num_envs: int, seed: int, *, num_distractors: int = 3,
               max_steps: int = 100, locis: torch.nn.Module | None = None, device: str = "auto",
-              subproc: bool = False) -> VecEnv:
-    """``num_envs`` PushObjects envs observed through ``input_name`` (``slots``, ``pixels``, ``state``)."""
+              subproc: bool = False, oracle_slots: int = ORACLE_SLOTS_DEFAULT) -> VecEnv:
+    """``num_envs`` PushObjects envs observed through ``input_name`` (one of :data:`INPUTS`).
+
+    ``oracle_slots``: number of slots of the ``oracle_slots`` input.
+    """
     if input_name not in INPUTS:
         raise ValueError(f"input: expected one of {INPUTS}, actual value: {input_name!r}")
     env_kwargs = dict(num_distractors=num_distractors, max_steps=max_steps,
-                      obs_mode="state" if input_name == "state" else "pixels")
+                      obs_mode="pixels" if input_name in ("slots", "pixels") else "state")
+    if input_name == "oracle_slots":
+        env_kwargs["state_distractors"] = oracle_slots - 3
     venv = make_vec_env(ENV_ID, n_envs=num_envs, seed=seed, env_kwargs=env_kwargs,
                         wrapper_class=RGBObservation if input_name == "pixels" else None,
                         vec_env_cls=SubprocVecEnv if subproc else DummyVecEnv)
@@ -139,13 +221,18 @@ def make_venv(input_name: str, num_envs: int, seed: int, *, num_distractors: int
         return LociSVecEnvWrapper(venv, model=locis, device=device, seed=seed)
     if input_name == "pixels":
         return VecTransposeImage(venv)  # HWC -> CHW, as SB3 would do for the CnnPolicy
+    if input_name == "oracle_slots":
+        return OracleSlots(venv, oracle_slots, seed=seed)
     return venv
 
 
 def policy_kwargs(input_name: str, ppo: PPOConfig) -> dict[str, Any]:
-    if input_name == "slots":
+    if input_name in SLOT_INPUTS:
+        # Actor and critic each get an encoder: shared, the value loss shaped the slot features
+        # and the policy did not learn (docs/results.md, "RL").
         return dict(features_extractor_class=SlotSetExtractor,
-                    features_extractor_kwargs=dict(features_dim=ppo.features_dim))
+                    features_extractor_kwargs=dict(features_dim=ppo.features_dim),
+                    share_features_extractor=False)
     if input_name == "pixels":
         return dict(features_extractor_kwargs=dict(features_dim=ppo.features_dim))
     return {}
@@ -277,7 +364,8 @@ def train_run(input_name: str, seed: int, args: argparse.Namespace, ppo: PPOConf
     # A resumed part gets fresh episodes and sampling noise: the seed moves with the steps done.
     part_seed = seed + done
     common = dict(num_distractors=args.train_distractors, max_steps=args.max_episode_steps, locis=locis,
-                  device=args.device, subproc=args.vec_env == "subproc")
+                  device=args.device, subproc=args.vec_env == "subproc",
+                  oracle_slots=args.num_slots or ORACLE_SLOTS_DEFAULT)
     train_env = make_venv(input_name, args.num_envs, part_seed, **common)
     eval_env = make_venv(input_name, min(args.num_envs, args.eval_episodes), EVAL_SEED, **common)
     torch.manual_seed(part_seed)
@@ -322,7 +410,7 @@ def evaluate_distractors(run: dict[str, Any], counts: list[int], args: argparse.
     for n in missing:
         venv = make_venv(run["input"], min(args.num_envs, args.eval_episodes), EVAL_SEED, num_distractors=n,
                          max_steps=args.max_episode_steps, locis=locis, device=args.device,
-                         subproc=args.vec_env == "subproc")
+                         subproc=args.vec_env == "subproc", oracle_slots=args.num_slots or ORACLE_SLOTS_DEFAULT)
         run["distractors"][str(n)] = evaluate_success(agent, venv, args.eval_episodes)
         venv.close()
 
@@ -376,7 +464,9 @@ def plot_learning_curves(summary: dict[str, Any], path: str) -> None:
             continue
         entry = summary[input_name]
         steps, mean, std = np.array(entry["steps"]), np.array(entry["success_mean"]), np.array(entry["success_std"])
-        ax.plot(steps, mean, marker="o", markersize=3, label=f"{input_name} (n={len(entry['seeds'])})")
+        # The two oracles (true state, perfect slots) dashed: upper bounds, not competitors.
+        ax.plot(steps, mean, marker="o", markersize=3, label=f"{input_name} (n={len(entry['seeds'])})",
+                linestyle="--" if input_name in (ORACLE, "oracle_slots") else "-")
         ax.fill_between(steps, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), alpha=0.2)
     ax.set_xlabel("env steps")
     ax.set_ylabel("success rate (held-out episodes)")
@@ -508,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     # checkpoint's 6 slots one spurious slot leaves the pusher out (its pixels under a slot: 0.76
     # with 6 slots, 0.93 with 8).
     p.add_argument("--num-slots", type=int, default=8,
-                   help="slots of the Loci-s wrapper (0: the checkpoint's own; the shipped one has 6)")
+                   help="slots of the Loci-s wrapper (0: the checkpoint's own; the shipped one has 6) and "
+                        f"of oracle_slots (0: {ORACLE_SLOTS_DEFAULT}; at least 3)")
     p.add_argument("--device", default="auto", help="device of Loci-s and of the policies: auto, cpu, cuda")
     p.add_argument("--out", default="runs/rl_compare", help="output folder")
     p.add_argument("--train-distractors", type=int, default=3)
@@ -575,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_slots < 0:
         raise SystemExit(f"error: --num-slots: expected 0 (the checkpoint's own) or a positive int, actual "
                          f"value: {args.num_slots}")
+    if "oracle_slots" in args.inputs and 0 < args.num_slots < 3:
+        raise SystemExit(f"error: --num-slots: oracle_slots needs at least 3 slots (pusher, target, goal), "
+                         f"actual value: {args.num_slots}")
     args.eval_every = args.eval_every or max(1, args.timesteps // 10)
     args.save_every = args.eval_every if args.save_every is None else args.save_every
     try:

@@ -14,7 +14,8 @@ Example:
     >>> from stable_baselines3.common.env_util import make_vec_env
     >>> venv = LociSVecEnvWrapper(make_vec_env("locis/PushObjects-v0", n_envs=2), model=LociS("tiny"))
     >>> model = PPO("MultiInputPolicy", venv, policy_kwargs=dict(
-    ...     features_extractor_class=SlotSetExtractor, features_extractor_kwargs=dict(features_dim=64)))
+    ...     features_extractor_class=SlotSetExtractor, features_extractor_kwargs=dict(features_dim=64),
+    ...     share_features_extractor=False))
 """
 from __future__ import annotations
 
@@ -123,18 +124,21 @@ class LociSVecEnvWrapper(VecEnvWrapper):
 class SlotSetExtractor(BaseFeaturesExtractor):
     """Permutation-invariant features extractor over the slots (:class:`SlotSetEncoder`).
 
-    A shared per-slot MLP over ``[gestalt, position, depth]``, then attention pooling with a learned
-    query, masked by ``presence`` (an all-absent row gives finite features).
+    A shared per-slot MLP over ``[gestalt, position, depth]``, tokens for every pair of slots with
+    their relative position and depth, masked mean + max pooling over the pairs of present slots (an
+    all-absent row gives finite features). Pass ``share_features_extractor=False`` in PPO's
+    ``policy_kwargs`` (as :mod:`locis_rl.rl.compare` and the examples do): actor and critic then have
+    their own encoder, and the value loss does not shape the policy's features.
 
     Args:
         observation_space: the ``Dict`` of :class:`LociSWrapper` / :class:`LociSVecEnvWrapper`
             (keys ``gestalt``, ``position``, ``depth``, ``presence``), or their flat ``Box`` when
             ``num_slots`` is given (pass ``num_slots=env.num_slots``: the Box alone cannot tell K).
-        features_dim: output size; hidden: per-slot width; heads: attention heads.
+        features_dim: output size; hidden: width of the per-slot and pair MLPs.
     """
 
-    def __init__(self, observation_space: gym.Space, features_dim: int = 128, hidden: int = 128,
-                 heads: int = 4, num_slots: int | None = None):
+    def __init__(self, observation_space: gym.Space, features_dim: int = 128, hidden: int = 64,
+                 num_slots: int | None = None):
         super().__init__(observation_space, features_dim)
         if isinstance(observation_space, gym.spaces.Dict):
             missing = {"gestalt", "position", "depth", "presence"} - set(observation_space.spaces)
@@ -156,7 +160,7 @@ class SlotSetExtractor(BaseFeaturesExtractor):
         else:
             raise TypeError(f"observation_space: expected the Dict (or flat Box) of LociSWrapper, "
                             f"actual value: {observation_space}")
-        self.encoder = SlotSetEncoder(gestalt_dim, features_dim=features_dim, hidden=hidden, heads=heads)
+        self.encoder = SlotSetEncoder(gestalt_dim, features_dim=features_dim, hidden=hidden)
 
     def forward(self, observations: Any) -> torch.Tensor:
         if self.num_slots is not None:

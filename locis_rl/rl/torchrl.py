@@ -255,10 +255,9 @@ class LociSTransform(Transform):
 class SlotSetHead(nn.Module):
     """:class:`SlotSetEncoder` followed by a linear layer: four feature tensors -> ``[*, out_dim]``."""
 
-    def __init__(self, gestalt_dim: int, out_dim: int, features_dim: int = 128, hidden: int = 128,
-                 heads: int = 4):
+    def __init__(self, gestalt_dim: int, out_dim: int, features_dim: int = 128, hidden: int = 64):
         super().__init__()
-        self.encoder = SlotSetEncoder(gestalt_dim, features_dim=features_dim, hidden=hidden, heads=heads)
+        self.encoder = SlotSetEncoder(gestalt_dim, features_dim=features_dim, hidden=hidden)
         self.head = nn.Linear(features_dim, out_dim)
 
     def forward(self, gestalt, position, depth, presence) -> torch.Tensor:
@@ -280,13 +279,13 @@ def _gestalt_dim(env: Any, feature_keys: Sequence[str]) -> int:
 
 
 def make_slot_actor(env: Any, *, feature_keys: Sequence[str] = DEFAULT_OUT_KEYS, features_dim: int = 128,
-                    hidden: int = 128, heads: int = 4) -> ProbabilisticActor:
+                    hidden: int = 64) -> ProbabilisticActor:
     """A ``TanhNormal`` actor for continuous (``Bounded``) actions over the slot features of ``env``."""
     spec = getattr(env, "action_spec_unbatched", None) or env.action_spec
     act_dim = int(spec.shape[-1])
     low = spec.space.low.reshape(-1, act_dim)[0]
     high = spec.space.high.reshape(-1, act_dim)[0]
-    body = SlotSetHead(_gestalt_dim(env, feature_keys), 2 * act_dim, features_dim, hidden, heads)
+    body = SlotSetHead(_gestalt_dim(env, feature_keys), 2 * act_dim, features_dim, hidden)
     module = TensorDictModule(_LocScale(body), in_keys=list(feature_keys), out_keys=["loc", "scale"])
     return ProbabilisticActor(module, in_keys=["loc", "scale"], spec=env.action_spec,
                               distribution_class=TanhNormal,
@@ -294,7 +293,7 @@ def make_slot_actor(env: Any, *, feature_keys: Sequence[str] = DEFAULT_OUT_KEYS,
 
 
 def make_slot_value(env: Any, *, feature_keys: Sequence[str] = DEFAULT_OUT_KEYS, features_dim: int = 128,
-                    hidden: int = 128, heads: int = 4) -> ValueOperator:
+                    hidden: int = 64) -> ValueOperator:
     """A state-value network (``"state_value"``) over the slot features of ``env``."""
-    body = SlotSetHead(_gestalt_dim(env, feature_keys), 1, features_dim, hidden, heads)
+    body = SlotSetHead(_gestalt_dim(env, feature_keys), 1, features_dim, hidden)
     return ValueOperator(body, in_keys=list(feature_keys))
