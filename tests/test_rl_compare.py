@@ -238,3 +238,5 @@ def test_oracle_slots_hold_the_true_positions_in_a_new_order_each_episode():
     assert not np.array_equal(venv._order, first_order)
     with pytest.raises(ValueError, match="state_distractors"):
         OracleSlots(state_venv, num_slots=8)
+    with pytest.raises(SystemExit, match="at least 3 slots"):
+        main(["--inputs", "oracle_slots", "--num-slots", "2", "--timesteps", "8", "--out", "unused"])
