@@ -228,8 +228,9 @@ def make_venv(input_name: str, num_envs: int, seed: int, *, num_distractors: int
 
 def policy_kwargs(input_name: str, ppo: PPOConfig) -> dict[str, Any]:
     if input_name in SLOT_INPUTS:
-        # Actor and critic each get an encoder: shared, the value loss shaped the slot features
-        # and the policy did not learn (docs/results.md, "RL").
+        # Actor and critic each get an encoder, so the value loss does not shape the policy's
+        # features: with the pair encoder, the combination that learned from oracle slots
+        # (docs/results.md, "RL").
         return dict(features_extractor_class=SlotSetExtractor,
                     features_extractor_kwargs=dict(features_dim=ppo.features_dim),
                     share_features_extractor=False)
@@ -351,6 +352,12 @@ def load_progress(out: str, key: str, timesteps: int) -> dict[str, Any] | None:
     return progress
 
 
+def venv_options(args: argparse.Namespace, locis: torch.nn.Module | None) -> dict[str, Any]:
+    """The :func:`make_venv` arguments every run shares (all but the input, envs, seed and distractors)."""
+    return dict(max_steps=args.max_episode_steps, locis=locis, device=args.device,
+                subproc=args.vec_env == "subproc", oracle_slots=args.num_slots or ORACLE_SLOTS_DEFAULT)
+
+
 def train_run(input_name: str, seed: int, args: argparse.Namespace, ppo: PPOConfig,
               locis: torch.nn.Module | None) -> dict[str, Any]:
     """Train one (input, seed) and return its entry for ``results.json`` (distractors filled later).
@@ -363,11 +370,10 @@ def train_run(input_name: str, seed: int, args: argparse.Namespace, ppo: PPOConf
     done = progress["num_timesteps"] if progress else 0
     # A resumed part gets fresh episodes and sampling noise: the seed moves with the steps done.
     part_seed = seed + done
-    common = dict(num_distractors=args.train_distractors, max_steps=args.max_episode_steps, locis=locis,
-                  device=args.device, subproc=args.vec_env == "subproc",
-                  oracle_slots=args.num_slots or ORACLE_SLOTS_DEFAULT)
-    train_env = make_venv(input_name, args.num_envs, part_seed, **common)
-    eval_env = make_venv(input_name, min(args.num_envs, args.eval_episodes), EVAL_SEED, **common)
+    common = venv_options(args, locis)
+    train_env = make_venv(input_name, args.num_envs, part_seed, num_distractors=args.train_distractors, **common)
+    eval_env = make_venv(input_name, min(args.num_envs, args.eval_episodes), EVAL_SEED,
+                         num_distractors=args.train_distractors, **common)
     torch.manual_seed(part_seed)
     if progress:
         agent = PPO.load(policy_path, env=train_env, device=args.device, seed=part_seed,
@@ -409,8 +415,7 @@ def evaluate_distractors(run: dict[str, Any], counts: list[int], args: argparse.
     agent = PPO.load(os.path.join(args.out, run["model"]), device=args.device)
     for n in missing:
         venv = make_venv(run["input"], min(args.num_envs, args.eval_episodes), EVAL_SEED, num_distractors=n,
-                         max_steps=args.max_episode_steps, locis=locis, device=args.device,
-                         subproc=args.vec_env == "subproc", oracle_slots=args.num_slots or ORACLE_SLOTS_DEFAULT)
+                         **venv_options(args, locis))
         run["distractors"][str(n)] = evaluate_success(agent, venv, args.eval_episodes)
         venv.close()
 
