@@ -111,6 +111,28 @@ def test_slot_set_encoder_tells_which_object_is_where_and_takes_any_batch_rank()
     assert encoder(gestalt[None], position[None], torch.zeros(1, 2, 2, 1), torch.ones(1, 2, 2)).shape == (1, 2, 16)
 
 
+def test_slot_set_encoder_reads_relations_of_picked_slots_and_stays_finite_without_slots():
+    from locis_rl.rl.slot_set import SlotSetEncoder
+
+    torch.manual_seed(0)
+    encoder = SlotSetEncoder(3, features_dim=8, hidden=8, queries=2)
+    # Moving both objects by the same offset keeps their relation, moving one changes it: the
+    # features differ in both cases (absolute positions are inputs too), and the gradients of a
+    # batch that holds a row without any present slot are finite.
+    gestalt = torch.eye(3)[None, :2].repeat(3, 1, 1)
+    position = torch.zeros(3, 2, 4)
+    position[1, :, :2] += 0.3
+    position[2, 0, :2] += 0.3
+    presence = torch.ones(3, 2)
+    out = encoder(gestalt, position, torch.zeros(3, 2, 1), presence)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+    presence[2] = 0.0
+    encoder(gestalt, position, torch.zeros(3, 2, 1), presence).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in encoder.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="queries"):
+        SlotSetEncoder(3, queries=0)
+
+
 def test_vec_wrapper_num_slots_override_space(model, tmp_path):
     path = model.save_pretrained(tmp_path / "tiny.pt")
     k = model.config.num_slots + 2

@@ -229,8 +229,7 @@ def make_venv(input_name: str, num_envs: int, seed: int, *, num_distractors: int
 def policy_kwargs(input_name: str, ppo: PPOConfig) -> dict[str, Any]:
     if input_name in SLOT_INPUTS:
         # Actor and critic each get an encoder, so the value loss does not shape the policy's
-        # features: with the pair encoder, the combination that learned from oracle slots
-        # (docs/results.md, "RL").
+        # features (docs/results.md, "RL": measured on oracle slots).
         return dict(features_extractor_class=SlotSetExtractor,
                     features_extractor_kwargs=dict(features_dim=ppo.features_dim),
                     share_features_extractor=False)

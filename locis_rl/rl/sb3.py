@@ -124,21 +124,22 @@ class LociSVecEnvWrapper(VecEnvWrapper):
 class SlotSetExtractor(BaseFeaturesExtractor):
     """Permutation-invariant features extractor over the slots (:class:`SlotSetEncoder`).
 
-    A shared per-slot MLP over ``[gestalt, position, depth]``, tokens for every pair of slots with
-    their relative position and depth, masked mean + max pooling over the pairs of present slots (an
-    all-absent row gives finite features). Pass ``share_features_extractor=False`` in PPO's
-    ``policy_kwargs`` (as :mod:`locis_rl.rl.compare` and the examples do): actor and critic then have
-    their own encoder, and the value loss does not shape the policy's features.
+    Learned queries pick slots by their Gestalt code (attention over the present slots); the picked
+    slots' positions, depths, embeddings and the differences of their positions and depths are the
+    features (an all-absent row gives finite features). Pass ``share_features_extractor=False`` in
+    PPO's ``policy_kwargs`` (as :mod:`locis_rl.rl.compare` and the examples do): actor and critic
+    then have their own encoder, and the value loss does not shape the policy's features.
 
     Args:
         observation_space: the ``Dict`` of :class:`LociSWrapper` / :class:`LociSVecEnvWrapper`
             (keys ``gestalt``, ``position``, ``depth``, ``presence``), or their flat ``Box`` when
             ``num_slots`` is given (pass ``num_slots=env.num_slots``: the Box alone cannot tell K).
-        features_dim: output size; hidden: width of the per-slot and pair MLPs.
+        features_dim: output size; hidden: width of the key and embedding MLPs; queries: number
+            of learned queries (objects the policy can single out).
     """
 
     def __init__(self, observation_space: gym.Space, features_dim: int = 128, hidden: int = 64,
-                 num_slots: int | None = None):
+                 num_slots: int | None = None, queries: int = 4):
         super().__init__(observation_space, features_dim)
         if isinstance(observation_space, gym.spaces.Dict):
             missing = {"gestalt", "position", "depth", "presence"} - set(observation_space.spaces)
@@ -160,7 +161,8 @@ class SlotSetExtractor(BaseFeaturesExtractor):
         else:
             raise TypeError(f"observation_space: expected the Dict (or flat Box) of LociSWrapper, "
                             f"actual value: {observation_space}")
-        self.encoder = SlotSetEncoder(gestalt_dim, features_dim=features_dim, hidden=hidden)
+        self.encoder = SlotSetEncoder(gestalt_dim, features_dim=features_dim, hidden=hidden,
+                                      queries=queries)
 
     def forward(self, observations: Any) -> torch.Tensor:
         if self.num_slots is not None:
