@@ -11,7 +11,7 @@ from torch import nn
 
 import locis_rl.rl.sb3 as sb3
 from locis_rl.rl import compare
-from locis_rl.rl.slot_set import SlotSetEncoder  # what "select" became
+from locis_rl.rl.slot_set import SlotSetEncoder  # the "select" variant of this sweep, now the library's
 
 
 # The slot-set encoder of locis_rl before this sweep (commit 89312a6), the baseline.
@@ -118,44 +118,12 @@ class NodeUpdate(PairEncoder):
         return self.out(torch.cat([mean, h.amax(-2), present.float().mean(-1, keepdim=True)], -1))
 
 
-class Select(nn.Module):
-    """Q learned queries pick slots by content (keys from gestalt only, softmax over present slots);
-    the picked slots' positions / depths, their pairwise differences and embeddings go to an MLP.
-    Like a fixed-order state vector with differences, built from an unordered set."""
-
-    queries = 4
-
-    def __init__(self, gestalt_dim, features_dim=128, hidden=64, presence_threshold=0.5):
-        super().__init__()
-        q = self.queries
-        self.presence_threshold = presence_threshold
-        self.key = nn.Sequential(nn.Linear(gestalt_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        self.query = nn.Parameter(torch.randn(q, hidden))
-        self.value = nn.Sequential(nn.Linear(gestalt_dim + 5, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        pairs = q * (q - 1) // 2
-        self.out = nn.Sequential(nn.Linear(q * (hidden + 3) + 3 * pairs + 1, features_dim), nn.ReLU())
-        self.register_buffer("upper", torch.triu(torch.ones(q, q, dtype=torch.bool), 1), persistent=False)
-
-    def forward(self, gestalt, position, depth, presence):
-        position, depth, gestalt = position.float(), depth.float(), gestalt.float()
-        present = presence.float() > self.presence_threshold                        # [*, K]
-        logits = torch.einsum("qh,...kh->...qk", self.query, self.key(gestalt)) / self.query.shape[-1] ** 0.5
-        logits = logits.masked_fill(~present[..., None, :], -1e9)
-        weight = logits.softmax(-1) * present.any(-1)[..., None, None].float()       # [*, Q, K]
-        geo = torch.cat([position[..., :2], depth], -1)                             # [*, K, 3]
-        picked = weight @ geo                                                        # [*, Q, 3]
-        embed = weight @ self.value(torch.cat([gestalt, position, depth], -1))       # [*, Q, H]
-        diff = (picked[..., None, :, :] - picked[..., :, None, :])[..., self.upper, :]  # [*, P, 3]
-        return self.out(torch.cat([embed.flatten(-2), picked.flatten(-2), diff.flatten(-2),
-                                   present.float().mean(-1, keepdim=True)], -1))
-
-
 class Wide(PairEncoder):
     def __init__(self, gestalt_dim, features_dim=128, hidden=64, presence_threshold=0.5):
         super().__init__(gestalt_dim, features_dim, 128, presence_threshold)
 
 
-VARIANTS = {"base": PairEncoder, "relscaled": RelativeScaled, "node": NodeUpdate, "wide": Wide, "select": Select, "library": SlotSetEncoder}
+VARIANTS = {"base": PairEncoder, "relscaled": RelativeScaled, "node": NodeUpdate, "wide": Wide, "select": SlotSetEncoder}
 
 if __name__ == "__main__":
     variant, seed = sys.argv[1], sys.argv[2]
