@@ -28,7 +28,8 @@ index). Outputs in ``--out``:
   mIoU and FG-ARI per level, in percent, ``mean ± std`` over seeds (population std, ``ddof=0``);
 * ``results.json``: the same numbers as fractions with the per-seed values, every metric of every
   evaluation, the data files, and each checkpoint's training budget when its run directory has it
-  (:func:`training_budget`: steps, per-stage step / time budgets and the TensorBoard wall-clock);
+  (:func:`training_budget`: steps, per-stage step / time budgets, training seconds and the
+  TensorBoard wall-clock);
 * ``comparison.png``: one held-out clip (first episode of the first level and seed): the input
   frames, then per model the predicted masks overlaid on them (one row each).
 """
@@ -117,8 +118,10 @@ def training_budget(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     Keys (those available): ``run_dir``, ``preset``, ``model_family``, ``stage``, ``phases``,
     ``global_step`` (training steps / sequences over all phases), ``stages`` (each stage's step,
     batch and ``max_minutes`` budgets from ``config.json``), ``max_minutes_total`` (sum over the
-    phases when every phase has a time budget), ``wall_clock_seconds`` (TensorBoard event span:
-    training only, without data generation and final evaluation).
+    phases when every phase has a time budget), ``phase_seconds`` / ``train_seconds`` (training
+    seconds per phase and in all, summed over the run's invocations: resumes and the pauses between
+    them do not count), ``wall_clock_seconds`` (TensorBoard event span: training only, without data
+    generation and final evaluation, but with any pause between a stop and its ``--resume``).
     """
     path = Path(checkpoint)
     run = path if path.is_dir() else path.parent
@@ -134,6 +137,9 @@ def training_budget(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
             info["global_step"] = int(ckpt.get("global_step", 0))
             info["phases"] = list(ckpt.get("phases", []))
             info["completed"] = int(ckpt.get("phase_index", 0)) >= len(info["phases"])
+            if ckpt.get("phase_seconds"):
+                info["phase_seconds"] = {k: round(float(v), 1) for k, v in ckpt["phase_seconds"].items()}
+                info["train_seconds"] = round(sum(info["phase_seconds"].values()), 1)
         except Exception:  # noqa: BLE001 - a budget is optional metadata
             pass
     if "global_step" not in info and (run / "metrics.json").exists():

@@ -174,6 +174,52 @@ def test_time_based_checkpoints(dataset, tmp_path):
         _cfg(dataset, **{"stages.full.long_steps": 10, "stages.full.long_schedule_steps": 5})
 
 
+def test_resume_spends_only_the_rest_of_a_time_budget(dataset, tmp_path):
+    # A phase with `max_minutes` that is stopped and resumed trains for its budget in all, not for a
+    # fresh budget per invocation. The checkpoint records the phase's training seconds; here they
+    # are set to the whole budget, so the resumed phase must end at once.
+    from locis_rl.benchmark import training_budget
+
+    cfg = _cfg(dataset, **{"eval.enabled": False, "stages.objects.steps": 6, "stages.objects.max_minutes": 30,
+                           "checkpoint_every": 1, "stop_after_steps": 2})
+    run = tmp_path / "run"
+    train(cfg, stage="objects", run_dir=run, log=lambda m: None)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2 and 0 < ckpt["phase_seconds"]["objects"] < 30 * 60
+    ckpt["phase_seconds"]["objects"] = 30 * 60.0
+    torch.save(ckpt, run / "checkpoint.pt")
+    logs: list[str] = []
+    resumed = train(None, resume=run, log=logs.append)
+    assert resumed.completed and resumed.losses == []  # not one more step
+    assert any("time budget of 30 min used up after 2 steps (0 in this invocation)" in m for m in logs), logs
+    budget = training_budget(run / "model.pt")
+    assert budget["global_step"] == 2 and budget["train_seconds"] >= 30 * 60
+    assert budget["phase_seconds"]["objects"] >= 30 * 60
+    assert json.loads((run / "config.json").read_text())["stages"]["objects"]["max_minutes"] == 30
+
+
+def test_resume_records_a_missing_cached_dataset_again(tmp_path):
+    # A run on the preset's cached recording resumed where that cache is gone (a fresh machine):
+    # the seeded recording is made again, bit for bit, and the run goes on from its checkpoint.
+    import h5py
+
+    overrides = {**TINY, "data.paths": [], "data.cache_dir": str(tmp_path / "cache"), "data.levels": ["a"],
+                 "data.episodes": 2, "data.frames": 6, "data.workers": 1, "eval.enabled": False,
+                 "stages.objects.steps": 3, "checkpoint_every": 1, "stop_after_steps": 2}
+    run = tmp_path / "run"
+    train(load_train_config("quickstart", overrides), stage="objects", run_dir=run, log=lambda m: None)
+    (cached,) = torch.load(run / "checkpoint.pt", weights_only=False)["data_paths"]
+    with h5py.File(cached, "r") as f:
+        first = f["rgb"][:]
+    shutil.rmtree(tmp_path / "cache")
+    logs: list[str] = []
+    resumed = train(None, resume=run, log=logs.append)
+    assert resumed.completed and len(resumed.losses) == 1
+    assert any("is not here; recording it again" in m for m in logs), logs
+    with h5py.File(cached, "r") as f:
+        assert (f["rgb"][:] == first).all()
+
+
 def test_all_stages_write_every_output(dataset, tmp_path):
     from locis_rl.model import LociS
 

@@ -23,14 +23,15 @@ Stages (paper sections 3.4-3.6 and 4), selectable with ``--stage`` and chained b
    With ``stages.full.long_steps > 0`` a second phase, ``full/long``, follows: the same training
    with a fresh optimiser and its own schedule (``long_schedule_steps``), as the shipped recipe does.
 
-``--model savi`` (``model_family: savi``; presets ``savi-quickstart``, ``savi-gpu-budget``) trains
-the SAVi baseline instead, on the same data with the same machinery: one stage, ``savi``
-(:mod:`locis_rl.savi.train`), whose ``model.pt`` / ``metrics.json`` are SAVi's.
+``--model savi`` (``model_family: savi``; presets ``savi-quickstart``, ``savi-gpu-budget``,
+``savi-shipped``) trains the SAVi baseline instead, on the same data with the same machinery: one
+stage, ``savi`` (:mod:`locis_rl.savi.train`), whose ``model.pt`` / ``metrics.json`` are SAVi's.
 
 Usage::
 
     python -m locis_rl.pretrain                                    # quickstart preset, all stages
     python -m locis_rl.pretrain --preset savi-quickstart           # the SAVi baseline
+    python -m locis_rl.pretrain --preset savi-shipped              # SAVi, shipped's data and CPU time (~3.2 h)
     python -m locis_rl.pretrain --preset shipped                   # the shipped model's recipe (CPU, ~3.5 h)
     python -m locis_rl.pretrain --preset gpu-long --data a.h5 b.h5 # the long GPU recipe, on your own files
     python -m locis_rl.pretrain --stage objects stages.objects.steps=500 model.num_slots=8

@@ -100,7 +100,9 @@ class StageBudget:
     max_minutes: float = 0.0
     """Wall-clock budget of each of this stage's phases in minutes (0: none). A phase that runs out
     of time ends early, checkpointed, as if its steps were done: for runs that must fit a fixed
-    time slot (a lent GPU, a CI job)."""
+    time slot (a lent GPU, a CI job), or that get the same training time as another model. The
+    budget is of training time summed over ``--resume``s (the checkpoint carries the phase's
+    seconds so far), so an interrupted run trains as long as an uninterrupted one."""
 
 
 @dataclass

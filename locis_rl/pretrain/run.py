@@ -128,6 +128,11 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         paths = (self.ckpt["data_paths"] if self.ckpt is not None and not cfg.data.paths and self.ckpt.get("data_paths")
                  else None)
+        if paths is not None and not all(os.path.exists(p) for p in paths):
+            # resumed on another machine (or after the cache was cleared): the preset's recording is
+            # seeded, so it is recorded again where this machine caches data
+            self.log(f"the checkpoint's cached data {paths} is not here; recording it again")
+            paths = None
         if paths is None:
             paths = resolve_data_paths(cfg, is_main=d.is_main, barrier=d.barrier, log=self.log)
         self.store = EpisodeStore(paths, cfg)
@@ -167,6 +172,11 @@ class Trainer:
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
         self.losses: list[float] = []
         self.steps_this_run = 0
+        # Training seconds per phase, summed over every invocation of the run: a resumed phase spends
+        # only what is left of its `max_minutes`, and the budget a run reports excludes the time it
+        # spent stopped between invocations.
+        self.phase_seconds: dict[str, float] = {
+            k: float(v) for k, v in (self.ckpt or {}).get("phase_seconds", {}).items()}
         self.last_checkpoint_time = time.perf_counter()
         if d.enabled:
             print(f"[pretrain rank {d.rank}/{d.world_size}] started on {d.device}", file=sys.stderr, flush=True)
@@ -217,6 +227,7 @@ class Trainer:
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
+            "phase_seconds": dict(self.phase_seconds),
             "data_paths": list(self.paths),
             "world_size": self.dist.world_size,
         })
@@ -261,11 +272,17 @@ class Trainer:
         model.train()
         t_last, frames_since = time.perf_counter(), 0
         max_seconds = phase_max_seconds(cfg, phase)
-        deadline = time.perf_counter() + max_seconds if max_seconds > 0 else None
+        spent_before = self.phase_seconds.get(phase, 0.0) if start > 0 else 0.0
+        t_phase = time.perf_counter()
+
+        def record_time() -> None:
+            self.phase_seconds[phase] = spent_before + time.perf_counter() - t_phase
+
+        deadline = t_phase + max_seconds - spent_before if max_seconds > 0 else None
         for step in range(start, total):
             if deadline is not None and self._out_of_time(deadline):
                 self.log(f"phase {phase}: time budget of {max_seconds / 60:g} min used up after "
-                         f"{step - start} steps; ending the phase here")
+                         f"{step} steps ({step - start} in this invocation); ending the phase here")
                 break
             seed = _step_seed(cfg.seed, pi, step, d.rank)
             torch.manual_seed(seed)
@@ -310,6 +327,7 @@ class Trainer:
             due = due or (cfg.checkpoint_minutes > 0
                           and time.perf_counter() - self.last_checkpoint_time >= 60.0 * cfg.checkpoint_minutes)
             if due and step + 1 < total:
+                record_time()
                 self._checkpoint(pi, step + 1, global_step, optimizer, scheduler)
             if self.cfg.stop_after_steps and self.steps_this_run >= self.cfg.stop_after_steps:
                 if bar is not None:
@@ -319,6 +337,7 @@ class Trainer:
                 return False, global_step
         if bar is not None:
             bar.close()
+        record_time()
         if d.is_main:
             self._images(f"{pi}-{phase.replace('/', '-')}_end")
         self._checkpoint(pi + 1, 0, global_step, None, None)
@@ -407,7 +426,8 @@ class Trainer:
                                          seed=self.cfg.seed, out_dir=self.run_dir / "images" / "eval",
                                          visualize=1, device=d.device)
                 metrics.update({"split": "held-out", "episodes": len(self.store.eval_ids),
-                                "data": list(self.paths), "global_step": global_step, "stage": self.stage})
+                                "data": list(self.paths), "global_step": global_step, "stage": self.stage,
+                                "phase_seconds": {k: round(v, 1) for k, v in self.phase_seconds.items()}})
                 write_json(metrics, self.run_dir / "metrics.json")
                 self.log("held-out metrics:\n" + format_table(metrics))
         d.barrier()
