@@ -28,6 +28,32 @@ import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def load_triton_before_gl() -> None:
+    """Load Triton's native library, if Triton is installed, before the first GL context exists.
+
+    Mesa's software EGL (llvmpipe, what headless CPU machines have) and Triton each link their own
+    LLVM; whichever loads second crashes the process (segmentation fault). Torch loads Triton lazily
+    (``torch._dynamo``, which TensorDict imports), so rendering first and importing the model
+    afterwards in the same process crashed. Loaded first, both coexist. Call before
+    ``mujoco.Renderer(...)``; a no-op when Triton is absent or already loaded.
+    """
+    global _TRITON_CHECKED
+    if _TRITON_CHECKED:
+        return
+    _TRITON_CHECKED = True
+    import importlib.util
+
+    if os.environ.get("MUJOCO_GL") != "egl" or importlib.util.find_spec("triton") is None:
+        return
+    try:
+        importlib.import_module("triton._C.libtriton")
+    except Exception:  # noqa: BLE001 - a broken Triton install must not stop rendering
+        pass
+
+
+_TRITON_CHECKED = False
+
+
 _LIVE: "weakref.WeakSet[SceneRenderer]" = weakref.WeakSet()
 
 
@@ -66,6 +92,7 @@ class SceneRenderer:
     @property
     def renderer(self) -> mujoco.Renderer:
         if self._renderer is None:
+            load_triton_before_gl()
             self._renderer = mujoco.Renderer(self.model, self.height, self.width)
             global _ATEXIT_REGISTERED
             if not _ATEXIT_REGISTERED:

@@ -60,10 +60,11 @@ def bench_model(preset: str, device: str, batch_size: int, *, steps: int = 5, wa
     import torch
 
     from locis_rl.model import LociS
+    from locis_rl.model.locis import pretrained_checkpoint
 
     torch.manual_seed(seed)
-    # "default" / a file: a trained checkpoint's architecture (the latency does not depend on weights)
-    model = (LociS.from_pretrained(preset) if preset == "default" or os.path.isfile(preset)
+    # "default" / "depth" / a file: a trained checkpoint's architecture (latency does not depend on weights)
+    model = (LociS.from_pretrained(preset) if pretrained_checkpoint(preset) or os.path.isfile(preset)
              else LociS(preset)).to(device).eval()
     params = sum(p.numel() for p in model.parameters()) / 1e6
     cfg = model.config

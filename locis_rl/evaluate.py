@@ -83,8 +83,8 @@ def labels_from_masks(masks: torch.Tensor) -> torch.Tensor:
 
 def load_model(checkpoint: str | os.PathLike, map_location: Any = "cpu",
                overrides: Mapping[str, Any] | None = None):
-    """A :class:`LociS` from a model file, ``default``, a run directory or a training checkpoint;
-    a :class:`~locis_rl.savi.SAVi` when the file / run holds one.
+    """A :class:`LociS` from a model file, a packaged name (``default``, ``depth``), a run directory
+    or a training checkpoint; a :class:`~locis_rl.savi.SAVi` when the file / run holds one.
 
     Args:
         overrides: Loci-s only: inference-time config changes, e.g. ``{"num_slots": 10}`` (keys:
@@ -98,9 +98,10 @@ def load_model(checkpoint: str | os.PathLike, map_location: Any = "cpu",
     """
     from locis_rl.model import LociS
     from locis_rl.model.config import apply_inference_overrides, inference_overrides
+    from locis_rl.model.locis import pretrained_checkpoint
 
     flat = inference_overrides(overrides)
-    path = Path(checkpoint) if str(checkpoint) != "default" else None
+    path = None if pretrained_checkpoint(checkpoint) is not None else Path(checkpoint)
     if path is not None and path.is_dir():
         if (path / "model.pt").exists():
             path = path / "model.pt"
@@ -140,7 +141,7 @@ def load_model(checkpoint: str | os.PathLike, map_location: Any = "cpu",
             model = LociS(config)
             model.load_state_dict(ckpt["model"])
             return model.to(map_location)
-    return LociS.from_pretrained("default" if path is None else path, map_location=map_location,
+    return LociS.from_pretrained(str(checkpoint) if path is None else path, map_location=map_location,
                                  overrides=flat)
 
 

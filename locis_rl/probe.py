@@ -95,7 +95,7 @@ MLP_MAX_ITER, MLP_PATIENCE = 1000, 25
 too early on a few hundred samples: ~2 updates per epoch)."""
 
 DEFAULT_CHECKPOINT_HELP = (
-    "the default Loci-s checkpoint does not exist yet ({error}). Train one with "
+    "the packaged Loci-s checkpoint {name!r} does not exist ({error}). Train one with "
     "`python -m locis_rl.pretrain` and pass it with `--checkpoint PATH` (a file, run directory or "
     "training checkpoint), or run a random-weight smoke test with `--checkpoint tiny`.")
 
@@ -483,9 +483,11 @@ def load_probe_model(checkpoint: str | os.PathLike, device: str | torch.device =
         num_slots: slots of a Loci-s model at inference (``None``: its config's).
 
     Raises:
-        FileNotFoundError: no such file; for ``default`` the message says how to get one.
+        FileNotFoundError: no such file; for ``default`` / ``depth`` the message says how to get one.
         ValueError: ``num_slots`` for a SAVi model (its slot count is fixed by training).
     """
+    from locis_rl.model.locis import pretrained_checkpoint
+
     spec = str(checkpoint)
     overrides = {} if num_slots is None else {"num_slots": num_slots}
     if spec in LOCIS_PRESETS:
@@ -504,7 +506,7 @@ def load_probe_model(checkpoint: str | os.PathLike, device: str | torch.device =
         torch.manual_seed(seed)
         return SAVi(SAVI_PRESETS[spec]).to(device), False
     path = Path(spec)
-    if spec != "default" and path.is_file():
+    if pretrained_checkpoint(spec) is None and path.is_file():
         try:
             head = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - the loaders below produce the error message
@@ -520,8 +522,8 @@ def load_probe_model(checkpoint: str | os.PathLike, device: str | torch.device =
     try:
         return load_model(spec, map_location=device, overrides=overrides or None), True
     except FileNotFoundError as exc:
-        if spec == "default":
-            raise FileNotFoundError(DEFAULT_CHECKPOINT_HELP.format(error=exc)) from exc
+        if pretrained_checkpoint(spec) is not None:
+            raise FileNotFoundError(DEFAULT_CHECKPOINT_HELP.format(name=spec, error=exc)) from exc
         raise
 
 

@@ -211,3 +211,29 @@ def test_push_truncates(closing):
 def test_bad_kwargs(make, match):
     with pytest.raises(ValueError, match=f"expected {match}.*actual value"):
         make()
+
+
+def test_rendering_first_then_loading_the_model_does_not_crash(tmp_path):
+    """Mesa's software EGL and Triton each bring an LLVM; rendering before torch loaded Triton
+    (``import tensordict`` does) killed the process with a segmentation fault. A fresh interpreter
+    renders a frame first, then imports the model and steps it."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import gymnasium as gym, envs\n"
+        "env = gym.make('locis/MultiObject-v0', image_size=64)\n"
+        "obs, _ = env.reset(seed=0)\n"
+        "import torch\n"
+        "from locis_rl.model import LociS\n"
+        "model = LociS('tiny').eval()\n"
+        "rgb = torch.as_tensor(obs['rgb']).permute(2, 0, 1)[None].float() / 255\n"
+        "out, state = model.step(rgb, None, model.init_state(1))\n"
+        "print('stepped', tuple(out['masks'].shape))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert "stepped (1, 7, 64, 64)" in proc.stdout

@@ -165,6 +165,9 @@ class MujocoLabelRenderer:
             shadow_size = min(original, max(1024, 16 * max(self.height, self.width)))
         model.vis.quality.shadowsize = int(shadow_size)
         try:
+            from envs.rendering import load_triton_before_gl
+
+            load_triton_before_gl()
             self._renderer = mujoco.Renderer(model, self.height, self.width)
         finally:
             model.vis.quality.shadowsize = original

@@ -56,10 +56,28 @@ from locis_rl.model.slot_assignment import (
 from locis_rl.model.transition import SlotTransition
 
 __all__ = ["LociS", "CheckpointError", "FORMAT_VERSION", "CHECKPOINT_FORMAT", "DEFAULT_CHECKPOINT",
-           "MODES", "row_uniform", "rows_where", "validate_step_inputs"]
+           "DEPTH_CHECKPOINT", "PRETRAINED_NAMES", "pretrained_checkpoint", "MODES", "row_uniform",
+           "rows_where", "validate_step_inputs"]
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default.pt"
-"""Where ``LociS.from_pretrained("default")`` looks (inside the installed package)."""
+"""Where ``LociS.from_pretrained("default")`` looks (inside the installed package): RGB input."""
+DEPTH_CHECKPOINT = DEFAULT_CHECKPOINT.with_name("depth.pt")
+"""Where ``LociS.from_pretrained("depth")`` looks: the same recipe with RGB + depth input."""
+PRETRAINED_NAMES = ("default", "depth")
+"""Names that ``from_pretrained`` and every ``model=`` / ``--checkpoint`` argument resolve to a
+packaged checkpoint instead of a path."""
+
+
+def pretrained_checkpoint(name: Any) -> Path | None:
+    """The packaged file of a pretrained name (:data:`PRETRAINED_NAMES`), or ``None`` for a path.
+
+    ``"default"``: the shipped RGB model (``locis_rl/checkpoints/default.pt``); ``"depth"``: the same
+    recipe trained with the depth channel as input (``depth.pt``; needs depth frames).
+    """
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    # looked up at call time, so tests can point the module constants elsewhere
+    return {"default": DEFAULT_CHECKPOINT, "depth": DEPTH_CHECKPOINT}.get(str(name))
 MODES = ("rnd", "reg", "seg")
 
 PROPOSAL_COVERED_FRACTION = 0.5
@@ -777,7 +795,8 @@ class LociS(nn.Module):
         """Load a checkpoint written by :meth:`save_pretrained`.
 
         Args:
-            path: a file, or ``"default"`` (``locis_rl/checkpoints/default.pt`` in the package).
+            path: a file, or a packaged name: ``"default"`` (``locis_rl/checkpoints/default.pt``,
+                RGB input) or ``"depth"`` (``depth.pt``, RGB + depth input).
             map_location: passed to ``torch.load``.
             config: expected config; every field must equal the config the model is built with
                 (the checkpoint's, after ``overrides``), else :class:`CheckpointError`.
@@ -803,7 +822,7 @@ class LociS(nn.Module):
                 allowed keys), or a bad override value (e.g. ``num_slots=0``).
         """
         flat = inference_overrides(overrides)  # checked before the file is read
-        path = DEFAULT_CHECKPOINT if str(path) == "default" else Path(path)
+        path = pretrained_checkpoint(path) or Path(path)
         if not path.exists():
             raise FileNotFoundError(
                 f"no Loci-s checkpoint at {path}; train one with `python -m locis_rl.pretrain` "

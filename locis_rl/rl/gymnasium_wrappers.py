@@ -96,7 +96,8 @@ class LociSWrapper(gym.Wrapper):
     Args:
         env: an env with image observations, a Dict with ``rgb`` (+ optional ``depth``), or
             ``render_mode="rgb_array"``.
-        model: a ``LociS`` instance, ``"default"`` or a checkpoint path.
+        model: a ``LociS`` instance, a packaged name (``"default"``: RGB; ``"depth"``: RGB + depth
+            input, needs depth frames) or a checkpoint path.
         device: ``"auto"`` (CUDA if available) or a torch device.
         mode: slot-assignment mode for the model (``"seg"``, ``"reg"``, ``"rnd"``).
         flatten: one flat float32 ``Box (K * (G + 6),)`` instead of the ``Dict`` of features.

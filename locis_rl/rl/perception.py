@@ -74,7 +74,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_model(model: Any = "default", overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
-    """A slot model (Loci-s, or SAVi) from an instance, ``"default"``, a checkpoint or run directory.
+    """A slot model (Loci-s, or SAVi): an instance, ``"default"`` / ``"depth"``, a checkpoint or run dir.
 
     Args:
         overrides: inference-time config changes of a Loci-s model given by name / path, e.g.
@@ -116,7 +116,7 @@ def load_model(model: Any = "default", overrides: Mapping[str, Any] | None = Non
 
 
 def load_locis(checkpoint: str, warmup: int = 0, num_slots: int = 0, seed: int | None = 0) -> torch.nn.Module:
-    """A frozen Loci-s in eval mode: ``"tiny"`` (random weights), ``"default"`` or a checkpoint path.
+    """A frozen Loci-s in eval mode: ``"tiny"`` (random weights), ``"default"``, ``"depth"`` or a path.
 
     Args:
         warmup, num_slots: slot warm-up iterations on the first frame and slot count (0: the
@@ -297,7 +297,7 @@ class SlotPerception:
     """Recurrent Loci-s perception for ``num_envs`` rows: model, device, slot state, preprocessing.
 
     Args:
-        model: a ``LociS`` instance, ``"default"`` or a checkpoint path (see :func:`load_model`).
+        model: a ``LociS`` instance, ``"default"`` / ``"depth"`` or a checkpoint path (see :func:`load_model`).
             The model is put in eval mode and moved to ``device``; it runs under inference mode.
         num_envs: rows of slot state (environments).
         device: ``"auto"`` (CUDA if available), or any torch device.

@@ -59,7 +59,8 @@ class LociSTransform(Transform):
     """Recurrent Loci-s perception as a TorchRL transform (see the module docstring).
 
     Args:
-        model: a ``LociS`` instance, ``"default"`` or a checkpoint path.
+        model: a ``LociS`` instance, a packaged name (``"default"``: RGB; ``"depth"``: RGB + depth
+            input, needs depth frames) or a checkpoint path.
         rgb_key: key of the frames (None: ``"rgb"`` if present in the spec, else ``"pixels"``).
         depth_key: key of metric depth, used when the model has ``use_depth``.
         out_keys: the four feature keys (gestalt, position, depth, presence).
