@@ -78,6 +78,8 @@ def pretrained_checkpoint(name: Any) -> Path | None:
         return None
     # looked up at call time, so tests can point the module constants elsewhere
     return {"default": DEFAULT_CHECKPOINT, "depth": DEPTH_CHECKPOINT}.get(str(name))
+
+
 MODES = ("rnd", "reg", "seg")
 
 PROPOSAL_COVERED_FRACTION = 0.5
