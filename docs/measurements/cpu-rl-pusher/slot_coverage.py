@@ -4,8 +4,9 @@
     python docs/measurements/cpu-rl-pusher/slot_coverage.py depth slot_coverage_depth.json
 
 Random pushes in 8 envs (2 episodes x 40 frames each, the first 3 frames left out), seen through
-the adapters' `SlotPerception` with 8 slots, once per slot seed 0, 1, 2 (the same frames each time). A pixel is held when the argmax of the visible masks
-``[B, K+1, H, W]`` (background last) is a slot whose presence is above 0.5. The goal patch belongs
+the adapters' `SlotPerception` with 8 slots, once per slot seed 0, 1, 2 (the same frames each
+time). A pixel is held when the argmax of the visible masks ``[B, K+1, H, W]`` (background last)
+is a slot whose presence is above 0.5. The goal patch belongs
 to the env's background id 0, so its pixels are the id-0 pixels of the goal's green; the pusher and
 target are ids 1 and 2. Prints and writes the held fraction of each (pixels pooled over frames),
 per slot seed and their mean.
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from envs.push_objects import PUSHER_ID, TARGET_ID
 
+from locis_rl.evaluate import labels_from_masks
 from locis_rl.rl.perception import SlotPerception, load_locis
 
 NUM_ENVS, EPISODES, FRAMES, SKIP, NUM_SLOTS, SLOT_SEEDS = 8, 2, 40, 3, 8, (0, 1, 2)
@@ -26,9 +28,9 @@ NUM_ENVS, EPISODES, FRAMES, SKIP, NUM_SLOTS, SLOT_SEEDS = 8, 2, 40, 3, 8, (0, 1,
 
 def held_pixels(masks: torch.Tensor, presence: torch.Tensor) -> np.ndarray:
     """bool [B, H, W]: pixels whose visible-mask argmax is a present slot."""
-    winner = masks.argmax(1)                                      # [B, H, W], K = background
-    slot_present = torch.cat([presence > 0.5, torch.zeros_like(presence[:, :1], dtype=torch.bool)], 1)
-    return torch.gather(slot_present, 1, winner.flatten(1)).view_as(winner).cpu().numpy()
+    labels = labels_from_masks(masks)                             # [B, H, W]: 0 background, k + 1 slot k
+    present = torch.cat([torch.zeros_like(presence[:, :1], dtype=torch.bool), presence > 0.5], 1)
+    return torch.gather(present, 1, labels.flatten(1)).view_as(labels).cpu().numpy()
 
 
 def held_fractions(checkpoint: str, slot_seed: int) -> dict[str, float]:
