@@ -24,7 +24,9 @@ A second question is whether a policy can tell the things apart by the slots' Ge
 the content-picking `SlotSetEncoder` must: a logistic regression from the Gestalt code of every
 present slot to what it holds (pusher, target, goal, distractor, or nothing: a present slot matched
 to no thing), fitted on envs 0-3, with its accuracy per kind on envs 4-7 (``kind_from_gestalt``,
-which also counts the present slots per frame and the pixels each kind of slot shows).
+which also counts the present slots per frame and the pixels each kind of slot shows, and asks
+whether the pusher's misreadings come frame by frame or stick to whole episodes:
+``pusher_errors_within_episodes``).
 
 Reported per kind: match rate, the held-out residual's standard deviation per axis (comparable to
 the per-axis Gaussian noise of the oracle-slot experiment: 0.1 there stopped learning), and the
@@ -111,15 +113,16 @@ def collect() -> tuple[list[dict], list[dict]]:
                         ok = j is not None and iou[i, j] >= MIN_IOU
                         held |= {j} if ok else set()
                         if ok:
-                            slot_records.append({"env": env, "kind": kind, "gestalt": gestalt[env, slots[j]],
-                                                 "other": other[env, slots[j]]})
+                            slot_records.append({"env": env, "episode": episode, "t": t, "kind": kind,
+                                                 "gestalt": gestalt[env, slots[j]], "other": other[env, slots[j]]})
                         records.append({
                             "env": env, "episode": episode, "t": t, "kind": kind, "thing": i, "matched": ok,
                             "xy": np.asarray(xy) / STATE_POS_SCALE, "z": float(z), "mask": centroid(m),
                             "slot_position": position[env, slots[j]] if ok else None,
                             "slot_mask": centroid(slot_masks[j]) if ok and slot_masks[j].any() else None})
-                    slot_records += [{"env": env, "kind": "nothing", "gestalt": gestalt[env, slots[j]],
-                                      "other": other[env, slots[j]]} for j in range(len(slots)) if j not in held]
+                    slot_records += [{"env": env, "episode": episode, "t": t, "kind": "nothing",
+                                      "gestalt": gestalt[env, slots[j]], "other": other[env, slots[j]]}
+                                     for j in range(len(slots)) if j not in held]
             action = rng.uniform(-1, 1, (NUM_ENVS, 2)).astype(np.float32)
             obs, _, terminated, truncated, info = vec.step(action)
             features = perception.step(obs["rgb"], obs["depth"], reset_mask=terminated | truncated)
@@ -166,7 +169,32 @@ def kind_from_gestalt(slot_records: list[dict]) -> dict:
             "fraction_under_4_visible_pixels": {k: float((pixels[y == k] < 4).mean()) for k in np.unique(y)},
             "accuracy": float((predicted == y[~fit]).mean()),
             "accuracy_per_kind": {k: float((predicted[y[~fit] == k] == k).mean()) for k in np.unique(y)},
-            "slots_per_kind": {k: int((y == k).sum()) for k in np.unique(y)}}
+            "slots_per_kind": {k: int((y == k).sum()) for k in np.unique(y)},
+            "pusher_errors_within_episodes": pusher_error_persistence(
+                [r for r, held_out in zip(slot_records, ~fit) if held_out], predicted)}
+
+
+def pusher_error_persistence(records: list[dict], predicted: np.ndarray) -> dict:
+    """Are the held-out pusher slot's misreadings scattered over frames or stuck to episodes?
+
+    Per (env, episode) the fraction of frames whose pusher slot is not read as the pusher; their
+    spread against the binomial spread that frame-by-frame independent errors would give, and the
+    lag-1 correlation of the error indicator between consecutive frames.
+    """
+    wrong = {(r["env"], r["episode"], r["t"]): p != "pusher"
+             for r, p in zip(records, predicted) if r["kind"] == "pusher"}
+    episodes: dict[tuple, list[bool]] = {}
+    for (env, episode, _), w in wrong.items():
+        episodes.setdefault((env, episode), []).append(w)
+    rates = np.array([np.mean(v) for v in episodes.values()])
+    frames = np.mean([len(v) for v in episodes.values()])
+    p = float(np.mean(list(wrong.values())))
+    pairs = np.array([(w, wrong[(env, episode, t + 1)]) for (env, episode, t), w in wrong.items()
+                      if (env, episode, t + 1) in wrong], float)
+    return {"episodes": len(rates), "frames_per_episode": float(frames), "error_rate": p,
+            "per_episode_error_rates": sorted(float(r) for r in rates),
+            "per_episode_std": float(rates.std()), "std_if_independent": float(np.sqrt(p * (1 - p) / frames)),
+            "lag1_correlation": float(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1])}
 
 
 def main() -> None:
