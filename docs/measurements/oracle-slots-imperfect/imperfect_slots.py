@@ -48,7 +48,7 @@ from locis_rl.rl import compare
 # OracleSlots builds [pusher, target, goal, distractors...] before its permutation
 PUSHER_INDEX, GOAL_INDEX = 0, 2
 PRECISION_FILE = Path(__file__).parents[1] / "cpu-rl-pusher" / "position_precision_default.json"
-KINDS = ("pusher", "target", "goal", "distractor")  # kind of OracleSlots index i: KINDS[min(i, 3)]
+KINDS = compare.ORACLE_KINDS  # kind of OracleSlots index i: KINDS[min(i, 3)]
 
 
 def measured_position_errors() -> tuple[np.ndarray, np.ndarray]:
@@ -121,20 +121,14 @@ def make_imperfect(goal_drop: float, position_noise: float, seed: int, noise_lag
             for row in np.flatnonzero(partner >= 0):
                 pusher = int(np.flatnonzero(order[row] == PUSHER_INDEX)[0])
                 gestalt[row, [pusher, partner[row]]] = gestalt[row, [partner[row], pusher]]
-        return features
-
-    def slots_with_motion(self, state: np.ndarray, order: np.ndarray) -> dict[str, np.ndarray]:
-        tracked = order.shape[0] == self.num_envs
-        new_episode = (np.ones(order.shape[0], bool) if not tracked or getattr(self, "_previous_order", None) is None
-                       else (order != self._previous_order).any(1))   # before slots() records this order
-        features = slots(self, state, order)
-        xy = features["position"][..., :2]                                                # [N, K, 2]
-        previous = getattr(self, "_previous_xy", None)
-        motion = np.zeros_like(xy) if previous is None or not tracked else np.where(
-            new_episode[:, None, None], 0.0, 10.0 * (xy - previous))
-        if tracked:
-            self._previous_xy = xy.copy()
-        features["gestalt"] = np.concatenate([features["gestalt"], motion], -1).astype(np.float32)
+        if motion_in_gestalt:
+            xy = features["position"][..., :2]                                            # [N, K, 2]
+            previous = getattr(self, "_previous_xy", None)
+            motion = np.zeros_like(xy) if previous is None or not tracked else np.where(
+                new_episode[:, None, None], 0.0, 10.0 * (xy - previous))
+            if tracked:
+                self._previous_xy = xy.copy()
+            features["gestalt"] = np.concatenate([features["gestalt"], motion], -1).astype(np.float32)
         return features
 
     original_init = compare.OracleSlots.__init__
@@ -146,7 +140,7 @@ def make_imperfect(goal_drop: float, position_noise: float, seed: int, noise_lag
         spaces["gestalt"] = gym.spaces.Box(-np.inf, np.inf, (k, g + 2), np.float32)
         self.observation_space = gym.spaces.Dict(spaces)
 
-    compare.OracleSlots.slots = slots_with_motion if motion_in_gestalt else slots
+    compare.OracleSlots.slots = slots
     if motion_in_gestalt:
         compare.OracleSlots.__init__ = init_with_motion
 
