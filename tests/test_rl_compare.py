@@ -240,3 +240,29 @@ def test_oracle_slots_hold_the_true_positions_in_a_new_order_each_episode():
         OracleSlots(state_venv, num_slots=8)
     with pytest.raises(SystemExit, match="at least 3 slots"):
         main(["--inputs", "oracle_slots", "--num-slots", "2", "--timesteps", "8", "--out", "unused"])
+
+
+def test_controlled_slot_cue_marks_the_oracle_pusher_and_is_a_training_setting(tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from locis_rl.rl.compare import ORACLE_KINDS, PPOConfig, make_venv
+
+    venv = make_venv("oracle_slots", 2, seed=4, max_steps=50, oracle_slots=6, controlled_slot=True)
+    venv.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        obs, *_ = venv.step(rng.uniform(-1, 1, (2, 2)).astype(np.float32))
+    pusher = obs["gestalt"].argmax(-1) == ORACLE_KINDS.index("pusher")        # [N, K]
+    np.testing.assert_array_equal(obs["controlled"], pusher.astype(np.float32))
+    with pytest.raises(ValueError, match="only for the slot inputs"):
+        make_venv("state", 1, seed=0, controlled_slot=True)
+    # results files from before the setting existed were written without the cue
+    (tmp_path / "results.json").write_text(json.dumps({"settings": {
+        "timesteps": 8, "num_envs": 1, "checkpoint": "default", "train_distractors": 3, "max_episode_steps": 100,
+        "eval_every": 4, "eval_episodes": 1, "warmup": 0, "num_slots": 8,
+        "ppo": dataclasses.asdict(PPOConfig())}, "runs": {}}))
+    with pytest.raises(SystemExit, match="controlled_slot: False in the file, True now"):
+        main(["--inputs", "oracle_slots", "--timesteps", "8", "--num-envs", "1", "--eval-every", "4",
+              "--eval-episodes", "1", "--controlled-slot", "--out", str(tmp_path)])

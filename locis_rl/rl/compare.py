@@ -10,6 +10,9 @@ Four inputs, one set of PPO hyper-parameters (:class:`PPOConfig`) and one env-st
                   what the slot policy learns when perception makes no mistake. It separates the
                   policy's share of a gap to ``state`` from the perception's share.
 
+With ``--controlled-slot`` the slot inputs also carry :class:`~locis_rl.rl.sb3.ControlledSlotVecEnv`'s
+cue, a mark on the slot the agent's actions move (docs/results.md, "Which slot do I move?").
+
 For every (input, seed) the deterministic policy's success rate is measured every ``--eval-every``
 env steps on held-out env seeds (learning curves); after training each policy is evaluated, without
 retraining, on scenes with more distractors (``--eval-distractors``).
@@ -62,7 +65,7 @@ from tqdm import tqdm
 
 from locis_rl.atomic_files import write_atomically
 from locis_rl.rl.perception import load_locis
-from locis_rl.rl.sb3 import LociSVecEnvWrapper, SlotSetExtractor
+from locis_rl.rl.sb3 import ControlledSlotVecEnv, LociSVecEnvWrapper, SlotSetExtractor
 
 __all__ = ["PPOConfig", "INPUTS", "OracleSlots", "make_venv", "evaluate_success", "summarise", "main"]
 
@@ -201,11 +204,15 @@ class RGBObservation(gym.ObservationWrapper):
 
 def make_venv(input_name: str, num_envs: int, seed: int, *, num_distractors: int = 3,
               max_steps: int = 100, locis: torch.nn.Module | None = None, device: str = "auto",
-              subproc: bool = False, oracle_slots: int = ORACLE_SLOTS_DEFAULT) -> VecEnv:
+              subproc: bool = False, oracle_slots: int = ORACLE_SLOTS_DEFAULT,
+              controlled_slot: bool = False) -> VecEnv:
     """``num_envs`` PushObjects envs observed through ``input_name`` (one of :data:`INPUTS`).
 
-    ``oracle_slots``: number of slots of the ``oracle_slots`` input.
+    ``oracle_slots``: number of slots of the ``oracle_slots`` input. ``controlled_slot``: add
+    :class:`ControlledSlotVecEnv`'s ``controlled`` cue to a slot input's features.
     """
+    if controlled_slot and input_name not in SLOT_INPUTS:
+        raise ValueError(f"controlled_slot: only for the slot inputs {SLOT_INPUTS}, actual input: {input_name!r}")
     if input_name not in INPUTS:
         raise ValueError(f"input: expected one of {INPUTS}, actual value: {input_name!r}")
     env_kwargs = dict(num_distractors=num_distractors, max_steps=max_steps,
@@ -218,11 +225,13 @@ def make_venv(input_name: str, num_envs: int, seed: int, *, num_distractors: int
     if input_name == "slots":
         if locis is None:
             raise ValueError("input 'slots' needs the Loci-s model: pass locis=load_locis(...)")
-        return LociSVecEnvWrapper(venv, model=locis, device=device, seed=seed)
+        slots = LociSVecEnvWrapper(venv, model=locis, device=device, seed=seed)
+        return ControlledSlotVecEnv(slots) if controlled_slot else slots
     if input_name == "pixels":
         return VecTransposeImage(venv)  # HWC -> CHW, as SB3 would do for the CnnPolicy
     if input_name == "oracle_slots":
-        return OracleSlots(venv, oracle_slots, seed=seed)
+        slots = OracleSlots(venv, oracle_slots, seed=seed)
+        return ControlledSlotVecEnv(slots) if controlled_slot else slots
     return venv
 
 
@@ -351,10 +360,11 @@ def load_progress(out: str, key: str, timesteps: int) -> dict[str, Any] | None:
     return progress
 
 
-def venv_options(args: argparse.Namespace, locis: torch.nn.Module | None) -> dict[str, Any]:
+def venv_options(args: argparse.Namespace, locis: torch.nn.Module | None, input_name: str) -> dict[str, Any]:
     """The :func:`make_venv` arguments every run shares (all but the input, envs, seed and distractors)."""
     return dict(max_steps=args.max_episode_steps, locis=locis, device=args.device,
-                subproc=args.vec_env == "subproc", oracle_slots=args.num_slots or ORACLE_SLOTS_DEFAULT)
+                subproc=args.vec_env == "subproc", oracle_slots=args.num_slots or ORACLE_SLOTS_DEFAULT,
+                controlled_slot=args.controlled_slot and input_name in SLOT_INPUTS)
 
 
 def train_run(input_name: str, seed: int, args: argparse.Namespace, ppo: PPOConfig,
@@ -369,7 +379,7 @@ def train_run(input_name: str, seed: int, args: argparse.Namespace, ppo: PPOConf
     done = progress["num_timesteps"] if progress else 0
     # A resumed part gets fresh episodes and sampling noise: the seed moves with the steps done.
     part_seed = seed + done
-    common = venv_options(args, locis)
+    common = venv_options(args, locis, input_name)
     train_env = make_venv(input_name, args.num_envs, part_seed, num_distractors=args.train_distractors, **common)
     eval_env = make_venv(input_name, min(args.num_envs, args.eval_episodes), EVAL_SEED,
                          num_distractors=args.train_distractors, **common)
@@ -414,7 +424,7 @@ def evaluate_distractors(run: dict[str, Any], counts: list[int], args: argparse.
     agent = PPO.load(os.path.join(args.out, run["model"]), device=args.device)
     for n in missing:
         venv = make_venv(run["input"], min(args.num_envs, args.eval_episodes), EVAL_SEED, num_distractors=n,
-                         **venv_options(args, locis))
+                         **venv_options(args, locis, run["input"]))
         run["distractors"][str(n)] = evaluate_success(agent, venv, args.eval_episodes)
         venv.close()
 
@@ -519,7 +529,8 @@ def markdown_table(summary: dict[str, Any], settings: dict[str, Any]) -> str:
              f"Budget {settings['timesteps']} env steps per run, {settings['num_envs']} envs, "
              f"trained with {settings['train_distractors']} distractors, Loci-s checkpoint "
              f"`{settings['checkpoint']}`; success rate of the deterministic policy over "
-             f"{settings['eval_episodes']} held-out episodes; mean +- std over seeds.", "",
+             f"{settings['eval_episodes']} held-out episodes; mean +- std over seeds."
+             + (" Slot inputs with the controlled-slot cue." if settings.get("controlled_slot") else ""), "",
              "| input | seeds | final success | steps to oracle final success |", "|---|---|---|---|"]
     for i in inputs:
         e = summary[i]
@@ -543,8 +554,10 @@ def markdown_table(summary: dict[str, Any], settings: dict[str, Any]) -> str:
 # ---- results file ----------------------------------------------------------------------------------
 
 TRAINING_SETTINGS = ("timesteps", "num_envs", "checkpoint", "train_distractors", "max_episode_steps",
-                     "eval_every", "eval_episodes", "warmup", "num_slots", "ppo")
+                     "eval_every", "eval_episodes", "warmup", "num_slots", "ppo", "controlled_slot")
 """Settings that change a run's result: a resumed ``results.json`` must have the same ones."""
+SETTINGS_ADDED_LATER = {"controlled_slot": False}
+"""Settings newer than some results files, with the value those files were written with."""
 
 
 def load_results(path: str, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
@@ -553,8 +566,8 @@ def load_results(path: str, settings: dict[str, Any], overwrite: bool) -> dict[s
     with open(path) as f:
         results = json.load(f)
     old = results.get("settings", {})
-    diffs = [f"{k}: {old.get(k)!r} in the file, {settings[k]!r} now" for k in TRAINING_SETTINGS
-             if old.get(k) != settings[k]]
+    old = {k: old.get(k, SETTINGS_ADDED_LATER.get(k)) for k in TRAINING_SETTINGS}
+    diffs = [f"{k}: {old[k]!r} in the file, {settings[k]!r} now" for k in TRAINING_SETTINGS if old[k] != settings[k]]
     if diffs:
         raise SystemExit(f"error: {path} was written with other settings ({'; '.join(diffs)}); use another "
                          "--out, the same settings, or --overwrite to start again")
@@ -604,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-slots", type=int, default=8,
                    help="slots of the Loci-s wrapper (0: the checkpoint's own; the shipped one has 6) and "
                         f"of oracle_slots (0: {ORACLE_SLOTS_DEFAULT}; at least 3)")
+    p.add_argument("--controlled-slot", action="store_true",
+                   help="slot inputs: add the controlled-slot cue (ControlledSlotVecEnv) to the features")
     p.add_argument("--device", default="auto", help="device of Loci-s and of the policies: auto, cpu, cuda")
     p.add_argument("--out", default="runs/rl_compare", help="output folder")
     p.add_argument("--train-distractors", type=int, default=3)
@@ -684,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                 "checkpoint": args.checkpoint, "train_distractors": args.train_distractors,
                 "max_episode_steps": args.max_episode_steps, "eval_every": args.eval_every,
                 "eval_episodes": args.eval_episodes, "warmup": args.warmup, "num_slots": args.num_slots,
-                "ppo": dataclasses.asdict(ppo), "eval_seed": EVAL_SEED}
+                "ppo": dataclasses.asdict(ppo), "eval_seed": EVAL_SEED, "controlled_slot": args.controlled_slot}
     results_path = os.path.join(args.out, "results.json")
     results = load_results(results_path, settings, args.overwrite)
     runs = results["runs"]

@@ -1,4 +1,4 @@
-"""Stable-Baselines3 adapters: :class:`LociSVecEnvWrapper` and :class:`SlotSetExtractor`.
+"""Stable-Baselines3 adapters: :class:`LociSVecEnvWrapper`, :class:`ControlledSlotVecEnv` and :class:`SlotSetExtractor`.
 
 Perception runs on the env side, batched across the envs of the ``VecEnv``, once per env step (never
 again per PPO minibatch): the rollout buffer stores slot features, not pixels.
@@ -27,12 +27,14 @@ import numpy as np
 import torch
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
+from tensordict import TensorDict
 
+from .controlled_slot import ControlledSlotConfig, ControlledSlotTracker, action_features
 from .gymnasium_wrappers import image_source
 from .perception import SlotPerception, flatten_features
 from .slot_set import SlotSetEncoder, unflatten_slots
 
-__all__ = ["LociSVecEnvWrapper", "SlotSetExtractor"]
+__all__ = ["LociSVecEnvWrapper", "ControlledSlotVecEnv", "SlotSetExtractor"]
 
 
 class LociSVecEnvWrapper(VecEnvWrapper):
@@ -121,6 +123,84 @@ class LociSVecEnvWrapper(VecEnvWrapper):
         return list(self.perception.render())
 
 
+class ControlledSlotVecEnv(VecEnvWrapper):
+    """Adds ``controlled [K]`` (1 on the slot the agent's actions move best, else 0) to slot features.
+
+    Args:
+        venv: an SB3 ``VecEnv`` whose observations are the slot-feature ``Dict`` (``position
+            [K, 4]``, ``presence [K]``, ...) of :class:`~locis_rl.rl.LociSVecEnvWrapper` with
+            ``flatten=False``, or of the oracle slots of :mod:`locis_rl.rl.compare`.
+        config: the tracker's settings (:class:`~locis_rl.rl.controlled_slot.ControlledSlotConfig`).
+        output: ``"controlled"`` (the 0 / 1 mark) or ``"explained"`` (every slot's R^2 itself).
+
+    The first frame of an episode has no mark (no action yet). Episodes that end are handled as SB3
+    auto-resets them: the terminal observation (when it holds slot features) gets the finished
+    episode's mark, and the row starts afresh on the first frame of its next episode.
+    """
+
+    def __init__(self, venv: VecEnv, config: ControlledSlotConfig | None = None, output: str = "controlled"):
+        space = venv.observation_space
+        if not isinstance(space, gym.spaces.Dict) or not {"position", "presence"} <= set(space.spaces):
+            raise ValueError(f"ControlledSlotVecEnv: expected the slot-feature Dict observations of "
+                             f"LociSVecEnvWrapper (flatten=False), with keys 'position' and 'presence'; "
+                             f"actual space: {space}")
+        if "controlled" in space.spaces:
+            raise ValueError("ControlledSlotVecEnv: the observations already have a 'controlled' key "
+                             "(wrapped twice?)")
+        if output not in ("controlled", "explained"):
+            raise ValueError(f"output: expected 'controlled' or 'explained', actual value: {output!r}")
+        self.num_slots = space["presence"].shape[0]
+        self.output = output
+        self.action_dim = action_features(venv.action_space, venv.action_space.sample()[None]).shape[1]
+        spaces = dict(space.spaces)
+        spaces["controlled"] = gym.spaces.Box(0.0, 1.0, (self.num_slots,), np.float32)
+        super().__init__(venv, observation_space=gym.spaces.Dict(spaces))
+        self.tracker = ControlledSlotTracker(config)
+        self.state: TensorDict | None = None
+        self._actions: np.ndarray | None = None
+
+    @staticmethod
+    def _xy(obs) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(obs["position"])[..., :2])
+
+    def _with(self, obs: dict, cue: np.ndarray) -> dict:
+        out = dict(obs)
+        out["controlled"] = cue.astype(np.float32)
+        return out
+
+    def reset(self):
+        obs = self.venv.reset()
+        self.state = self.tracker.initial_state(self._xy(obs), self.action_dim)
+        return self._with(obs, np.zeros((self.num_envs, self.num_slots)))
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions)
+        self.venv.step_async(actions)
+
+    def step_wait(self):
+        obs, rewards, dones, infos = self.venv.step_wait()
+        if self.state is None or self._actions is None:
+            raise RuntimeError("ControlledSlotVecEnv: step() before reset()")
+        dones = np.asarray(dones, dtype=np.bool_)
+        xy, presence = np.asarray(obs["position"])[..., :2].copy(), np.asarray(obs["presence"]).copy()
+        terminal_rows = [i for i in np.flatnonzero(dones)
+                         if isinstance(infos[i].get("terminal_observation"), dict)
+                         and "position" in infos[i]["terminal_observation"]]
+        for i in terminal_rows:        # a done row's action led to its terminal frame, not to obs
+            xy[i] = np.asarray(infos[i]["terminal_observation"]["position"])[..., :2]
+            presence[i] = np.asarray(infos[i]["terminal_observation"]["presence"])
+        action = torch.as_tensor(action_features(self.action_space, self._actions))
+        explained, controlled, self.state = self.tracker.step(
+            self.state, action, torch.as_tensor(xy), torch.as_tensor(presence))
+        cue = (controlled if self.output == "controlled" else explained).numpy()
+        for i in terminal_rows:
+            infos[i]["terminal_observation"] = self._with(infos[i]["terminal_observation"], cue[i])
+        if dones.any():
+            self.state = self.tracker.reset_rows(self.state, torch.as_tensor(dones), self._xy(obs))
+            cue = np.where(dones[:, None], 0.0, cue)
+        return self._with(obs, cue), rewards, dones, infos
+
+
 class SlotSetExtractor(BaseFeaturesExtractor):
     """Permutation-invariant features extractor over the slots (:class:`SlotSetEncoder`).
 
@@ -132,8 +212,10 @@ class SlotSetExtractor(BaseFeaturesExtractor):
 
     Args:
         observation_space: the ``Dict`` of :class:`LociSWrapper` / :class:`LociSVecEnvWrapper`
-            (keys ``gestalt``, ``position``, ``depth``, ``presence``), or their flat ``Box`` when
-            ``num_slots`` is given (pass ``num_slots=env.num_slots``: the Box alone cannot tell K).
+            (keys ``gestalt``, ``position``, ``depth``, ``presence``, and ``controlled`` when
+            :class:`ControlledSlotVecEnv` added it: then it is one more Gestalt channel), or their
+            flat ``Box`` when ``num_slots`` is given (pass ``num_slots=env.num_slots``: the Box alone
+            cannot tell K).
         features_dim: output size; hidden: width of the key and embedding MLPs; queries: number
             of learned queries (objects the policy can single out).
     """
@@ -147,6 +229,10 @@ class SlotSetExtractor(BaseFeaturesExtractor):
                 raise ValueError(f"observation_space: expected the slot features Dict of LociSWrapper, "
                                  f"missing keys {sorted(missing)}; actual value: {observation_space}")
             gestalt_dim = observation_space["gestalt"].shape[-1]
+            # ControlledSlotVecEnv's cue goes in as one more Gestalt channel, so the content keys
+            # can pick the slot the agent moves whatever its Gestalt code says
+            self.with_controlled = "controlled" in observation_space.spaces
+            gestalt_dim += self.with_controlled
             self.num_slots = None
         elif isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1:
             if num_slots is None:
@@ -158,6 +244,7 @@ class SlotSetExtractor(BaseFeaturesExtractor):
                 raise ValueError(f"flat Box of size {observation_space.shape[0]} is not K*(G+6) with "
                                  f"K={num_slots}")
             self.num_slots = int(num_slots)
+            self.with_controlled = False
         else:
             raise TypeError(f"observation_space: expected the Dict (or flat Box) of LociSWrapper, "
                             f"actual value: {observation_space}")
@@ -167,5 +254,7 @@ class SlotSetExtractor(BaseFeaturesExtractor):
     def forward(self, observations: Any) -> torch.Tensor:
         if self.num_slots is not None:
             observations = unflatten_slots(observations, self.num_slots)
-        return self.encoder(observations["gestalt"], observations["position"], observations["depth"],
-                            observations["presence"])
+        gestalt = observations["gestalt"]
+        if self.with_controlled:
+            gestalt = torch.cat([gestalt.float(), observations["controlled"].float()[..., None]], -1)
+        return self.encoder(gestalt, observations["position"], observations["depth"], observations["presence"])

@@ -2,9 +2,9 @@
 
 Usage (repository root):
 ``OMP_NUM_THREADS=1 python docs/measurements/oracle-slots-imperfect/imperfect_slots.py GOAL_DROP POSITION_NOISE SEED
-[--steps N] [--noise-lag1 RHO | --noise-matched] [--swap-pusher P [--swap-per-episode]] [--motion-in-gestalt]``
-writes ``runs/oracle_imperfect/goal<GOAL_DROP %>_noise<POSITION_NOISE x 100>[_lag<RHO x 100>][_matched]
-[_swap<P %>[ep]][_motion]_s<SEED>/`` (compare's output folder: results.json, curves).
+[--steps N] [--noise-lag1 RHO | --noise-matched] [--swap-pusher P [--swap-per-episode]] [--motion-in-gestalt]
+[--controllability [--most-controlled] | --zero-channel]`` writes ``runs/oracle_imperfect/goal<GOAL_DROP %>_noise<POSITION_NOISE x 100>[_lag<RHO x 100>]
+[_matched][_swap<P %>[ep]][_motion][_control[most]|_zero][_<N / 1000>k]_s<SEED>/`` (compare's output folder: results.json, curves).
 
 `compare --inputs oracle_slots` with these changes, independently per env, to training and
 evaluation episodes alike (PPO settings are compare's):
@@ -33,6 +33,22 @@ displacement since the previous frame (x 10; 0 in an episode's first frame), so 
 `SlotSetEncoder`'s content keys, which see the Gestalt code alone, can pick the pusher as the
 thing that moves when the policy acts, whatever its kind code says.
 
+``--controllability`` is a second remedy: it appends to every slot's Gestalt code one number in
+[0, 1], the fraction of the slot's (x, y) displacements that the agent's previous actions explain
+linearly through the episode so far (the R^2 of a least-squares map from action to displacement,
+fitted per env and slot on exponentially weighted sums, half-life ~7 frames, restarted with each
+episode). Through a linear map any camera's image axes fit as well as the table's, so the same
+number can be computed from Loci-s's image-space positions. The pusher's value climbs towards 1
+within a few frames of any actions, random ones included; a resting object's stays near 0.
+
+With ``--most-controlled`` that channel is instead 1 for the present slot with the highest such
+R^2 (when it is above 0.2) and 0 for the others: a pushed target's motion follows the actions too
+(R^2 ~0.5 while pushed, against the pusher's ~0.76, `--controllability`'s weakness), but the
+pusher's is the best explained in 99.7 % of frames (a scripted push-the-target policy with noise).
+
+``--zero-channel`` is the control for both remedies: it appends a Gestalt channel that is always 0,
+which changes the networks' shapes (and so their random initialisation) but tells nothing.
+
 compare also asks for the features of each finished episode's last frame (one row, for SB3's
 value bootstrap); those get fresh draws and leave the per-env processes alone.
 """
@@ -49,6 +65,12 @@ from locis_rl.rl import compare
 PUSHER_INDEX, GOAL_INDEX = 0, 2
 PRECISION_FILE = Path(__file__).parents[1] / "cpu-rl-pusher" / "position_precision_default.json"
 KINDS = compare.ORACLE_KINDS  # kind of OracleSlots index i: KINDS[min(i, 3)]
+# --controllability: weight decay of the sums per frame (half-life ~7 frames), ridge on the action
+# covariance, and a floor on the motion sum so that a slot at rest (or jittering by less than
+# ~0.005 = 1.5 mm a frame) reads ~0 instead of 0 / 0
+CONTROL_DECAY, CONTROL_RIDGE = 0.9, 0.05
+CONTROL_FLOOR = 0.005 ** 2 / (1.0 - CONTROL_DECAY)
+MOST_CONTROLLED_MIN = 0.2   # --most-controlled marks no slot before any is explained this well
 
 
 def measured_position_errors() -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +82,9 @@ def measured_position_errors() -> tuple[np.ndarray, np.ndarray]:
 
 def make_imperfect(goal_drop: float, position_noise: float, seed: int, noise_lag1: float = 0.0,
                    swap_pusher: float = 0.0, noise_matched: bool = False,
-                   swap_per_episode: bool = False, motion_in_gestalt: bool = False) -> None:
+                   swap_per_episode: bool = False, motion_in_gestalt: bool = False,
+                   controllability: bool = False, zero_channel: bool = False,
+                   most_controlled: bool = False) -> None:
     """Patch ``compare.OracleSlots.slots`` to spoil its features as described in the module docstring."""
     original = compare.OracleSlots.slots
     drop_rng = np.random.default_rng(10_000 + seed)
@@ -100,6 +124,36 @@ def make_imperfect(goal_drop: float, position_noise: float, seed: int, noise_lag
             self._swap_partner = partner
         return partner
 
+    def explained_motion(self, xy: np.ndarray, order: np.ndarray, tracked: bool,
+                         new_episode: np.ndarray) -> np.ndarray:
+        """``xy [N, K, 2]`` -> per slot the R^2 of displacement on the previous action ``[N, K, 1]``."""
+        if not tracked:
+            # compare's one-row call for an episode's last frame comes before the env's new order
+            # is drawn: the row is the env whose order it is; its statistics up to the frame before do
+            rows = np.flatnonzero((getattr(self, "_previous_order", order) == order).all(1))
+            fit = getattr(self, "_explained", None)
+            return fit[rows[:1]] if fit is not None and len(rows) else np.zeros((*xy.shape[:2], 1), np.float32)
+        previous_xy, action = getattr(self, "_control_xy", None), getattr(self, "_last_action", None)
+        n, k = xy.shape[:2]
+        if previous_xy is None or action is None:
+            self._sum_aa, self._sum_da = np.zeros((n, 2, 2)), np.zeros((n, k, 2, 2))
+            self._sum_dd = np.zeros((n, k))
+        else:
+            a = np.asarray(action, np.float64).reshape(n, 2)
+            d = (xy - previous_xy).astype(np.float64)                                       # [N, K, 2]
+            keep = np.where(new_episode, 0.0, CONTROL_DECAY)                               # [N]
+            self._sum_aa = keep[:, None, None] * self._sum_aa + np.where(
+                new_episode[:, None, None], 0.0, a[:, :, None] * a[:, None, :])
+            self._sum_da = keep[:, None, None, None] * self._sum_da + np.where(
+                new_episode[:, None, None, None], 0.0, d[..., :, None] * a[:, None, None, :])
+            self._sum_dd = keep[:, None] * self._sum_dd + np.where(new_episode[:, None], 0.0, (d ** 2).sum(-1))
+        # least squares d ~ M a with a small ridge; R^2 = tr(C A^-1 C^T) / (sum |d|^2 + floor)
+        inverse = np.linalg.inv(self._sum_aa + CONTROL_RIDGE * np.eye(2))                  # [N, 2, 2]
+        fitted = np.einsum("nkij,njl,nkil->nk", self._sum_da, inverse, self._sum_da)
+        self._explained = np.clip(fitted / (self._sum_dd + CONTROL_FLOOR), 0.0, 1.0)[..., None].astype(np.float32)
+        self._control_xy = xy.copy()
+        return self._explained
+
     def slots(self, state: np.ndarray, order: np.ndarray) -> dict[str, np.ndarray]:
         features = original(self, state, order)
         tracked = order.shape[0] == self.num_envs        # not the one-row features of a last frame
@@ -107,6 +161,8 @@ def make_imperfect(goal_drop: float, position_noise: float, seed: int, noise_lag
         # OracleSlots draws a new slot order for every episode, so a changed order marks a new one
         new_episode = (np.ones(order.shape[0], bool) if not tracked or previous_order is None
                        else (order != previous_order).any(1))
+        if controllability:      # before _previous_order moves on: the one-row call looks it up
+            explained = explained_motion(self, features["position"][..., :2], order, tracked, new_episode)
         if tracked:
             self._previous_order = order.copy()
         dropped = (order == GOAL_INDEX) & (drop_rng.random((order.shape[0], 1)) < goal_drop)  # [N, K]
@@ -129,20 +185,40 @@ def make_imperfect(goal_drop: float, position_noise: float, seed: int, noise_lag
             if tracked:
                 self._previous_xy = xy.copy()
             features["gestalt"] = np.concatenate([features["gestalt"], motion], -1).astype(np.float32)
+        if controllability:
+            if most_controlled:
+                score = np.where(features["presence"] > 0.5, explained[..., 0], -1.0)        # [N, K]
+                best = score.argmax(1)[:, None]
+                explained = ((np.arange(score.shape[1]) == best)
+                             & (np.take_along_axis(score, best, 1) > MOST_CONTROLLED_MIN))[..., None]
+            features["gestalt"] = np.concatenate([features["gestalt"], explained], -1).astype(np.float32)
+        if zero_channel:
+            gestalt = features["gestalt"]
+            features["gestalt"] = np.concatenate([gestalt, np.zeros_like(gestalt[..., :1])], -1)
         return features
 
     original_init = compare.OracleSlots.__init__
 
-    def init_with_motion(self, *args, **kwargs) -> None:
+    extra_channels = 2 * motion_in_gestalt + controllability + zero_channel
+
+    def init_with_extra_channels(self, *args, **kwargs) -> None:
         original_init(self, *args, **kwargs)
         spaces = dict(self.observation_space.spaces)
         k, g = spaces["gestalt"].shape
-        spaces["gestalt"] = gym.spaces.Box(-np.inf, np.inf, (k, g + 2), np.float32)
+        spaces["gestalt"] = gym.spaces.Box(-np.inf, np.inf, (k, g + extra_channels), np.float32)
         self.observation_space = gym.spaces.Dict(spaces)
 
+    original_step_async = compare.OracleSlots.step_async
+
+    def step_async_keeping_action(self, actions: np.ndarray) -> None:
+        self._last_action = np.array(actions)
+        original_step_async(self, actions)
+
     compare.OracleSlots.slots = slots
-    if motion_in_gestalt:
-        compare.OracleSlots.__init__ = init_with_motion
+    if extra_channels:
+        compare.OracleSlots.__init__ = init_with_extra_channels
+    if controllability:
+        compare.OracleSlots.step_async = step_async_keeping_action
 
 
 if __name__ == "__main__":
@@ -156,6 +232,9 @@ if __name__ == "__main__":
     parser.add_argument("--swap-pusher", type=float, default=0.0)
     parser.add_argument("--swap-per-episode", action="store_true")
     parser.add_argument("--motion-in-gestalt", action="store_true")
+    parser.add_argument("--controllability", action="store_true")
+    parser.add_argument("--most-controlled", action="store_true")
+    parser.add_argument("--zero-channel", action="store_true")
     args = parser.parse_args()
     if not 0.0 <= args.noise_lag1 < 1.0:
         parser.error(f"--noise-lag1: expected a value in [0, 1), actual value: {args.noise_lag1}")
@@ -163,16 +242,25 @@ if __name__ == "__main__":
         parser.error(f"--swap-pusher: expected a probability in [0, 1], actual value: {args.swap_pusher}")
     if args.noise_matched and (args.position_noise > 0 or args.noise_lag1 > 0):
         parser.error("--noise-matched sets the noise itself: give POSITION_NOISE 0 and no --noise-lag1")
+    if args.controllability and args.zero_channel:
+        parser.error("--zero-channel is the control for --controllability: give one of them")
+    if args.most_controlled and not args.controllability:
+        parser.error("--most-controlled changes what --controllability appends: give both")
     if args.swap_per_episode and args.swap_pusher == 0:
         parser.error("--swap-per-episode needs --swap-pusher P with P > 0")
     make_imperfect(args.goal_drop, args.position_noise, args.seed, args.noise_lag1, args.swap_pusher,
-                   args.noise_matched, args.swap_per_episode, args.motion_in_gestalt)
+                   args.noise_matched, args.swap_per_episode, args.motion_in_gestalt, args.controllability,
+                   args.zero_channel, args.most_controlled)
     name = f"goal{round(100 * args.goal_drop)}_noise{round(100 * args.position_noise)}"
     name += f"_lag{round(100 * args.noise_lag1)}" if args.noise_lag1 > 0 else ""
     name += "_matched" if args.noise_matched else ""
     name += f"_swap{round(100 * args.swap_pusher)}" if args.swap_pusher > 0 else ""
     name += "ep" if args.swap_per_episode else ""
     name += "_motion" if args.motion_in_gestalt else ""
+    name += "_control" if args.controllability else ""
+    name += "most" if args.most_controlled else ""
+    name += "_zero" if args.zero_channel else ""
+    name += f"_{args.steps // 1000}k" if args.steps != 250_000 else ""
     compare.main(["--inputs", "oracle_slots", "--seeds", str(args.seed), "--timesteps", str(args.steps),
                   "--num-envs", "8", "--num-slots", "8", "--eval-distractors", "3", "--device", "cpu",
                   "--out", f"runs/oracle_imperfect/{name}_s{args.seed}"])
