@@ -46,6 +46,12 @@ R^2 (when it is above 0.2) and 0 for the others: a pushed target's motion follow
 (R^2 ~0.5 while pushed, against the pusher's ~0.76, `--controllability`'s weakness), but the
 pusher's is the best explained in 99.7 % of frames (a scripted push-the-target policy with noise).
 
+Both compute with the library's `locis_rl.rl.controlled_slot.ControlledSlotTracker`. The runs in
+`results.json` were made with this script's own numpy copy of it (commit 0340237), whose features
+these match exactly for ``--most-controlled`` and within 6e-8 for the R^2 (float rounding, checked
+over 400 steps of 4 envs with terminal frames), so reruns of ``--controllability`` alone need not be
+bit-identical to the recorded ones.
+
 ``--zero-channel`` is the control for both remedies: it appends a Gestalt channel that is always 0,
 which changes the networks' shapes (and so their random initialisation) but tells nothing.
 
@@ -58,19 +64,18 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from locis_rl.rl import compare
+from locis_rl.rl.controlled_slot import ControlledSlotConfig, ControlledSlotTracker
 
 # OracleSlots builds [pusher, target, goal, distractors...] before its permutation
 PUSHER_INDEX, GOAL_INDEX = 0, 2
 PRECISION_FILE = Path(__file__).parents[1] / "cpu-rl-pusher" / "position_precision_default.json"
 KINDS = compare.ORACLE_KINDS  # kind of OracleSlots index i: KINDS[min(i, 3)]
-# --controllability: weight decay of the sums per frame (half-life ~7 frames), ridge on the action
-# covariance, and a floor on the motion sum so that a slot at rest (or jittering by less than
-# ~0.005 = 1.5 mm a frame) reads ~0 instead of 0 / 0
-CONTROL_DECAY, CONTROL_RIDGE = 0.9, 0.05
-CONTROL_FLOOR = 0.005 ** 2 / (1.0 - CONTROL_DECAY)
-MOST_CONTROLLED_MIN = 0.2   # --most-controlled marks no slot before any is explained this well
+# --controllability: the library's tracker with its defaults (half-life ~7 frames, a slot moving
+# under ~0.005 = 1.5 mm a frame reads as at rest, no mark below R^2 0.2)
+CONTROL = ControlledSlotTracker(ControlledSlotConfig())
 
 
 def measured_position_errors() -> tuple[np.ndarray, np.ndarray]:
@@ -133,25 +138,18 @@ def make_imperfect(goal_drop: float, position_noise: float, seed: int, noise_lag
             rows = np.flatnonzero((getattr(self, "_previous_order", order) == order).all(1))
             fit = getattr(self, "_explained", None)
             return fit[rows[:1]] if fit is not None and len(rows) else np.zeros((*xy.shape[:2], 1), np.float32)
-        previous_xy, action = getattr(self, "_control_xy", None), getattr(self, "_last_action", None)
-        n, k = xy.shape[:2]
-        if previous_xy is None or action is None:
-            self._sum_aa, self._sum_da = np.zeros((n, 2, 2)), np.zeros((n, k, 2, 2))
-            self._sum_dd = np.zeros((n, k))
-        else:
-            a = np.asarray(action, np.float64).reshape(n, 2)
-            d = (xy - previous_xy).astype(np.float64)                                       # [N, K, 2]
-            keep = np.where(new_episode, 0.0, CONTROL_DECAY)                               # [N]
-            self._sum_aa = keep[:, None, None] * self._sum_aa + np.where(
-                new_episode[:, None, None], 0.0, a[:, :, None] * a[:, None, :])
-            self._sum_da = keep[:, None, None, None] * self._sum_da + np.where(
-                new_episode[:, None, None, None], 0.0, d[..., :, None] * a[:, None, None, :])
-            self._sum_dd = keep[:, None] * self._sum_dd + np.where(new_episode[:, None], 0.0, (d ** 2).sum(-1))
-        # least squares d ~ M a with a small ridge; R^2 = tr(C A^-1 C^T) / (sum |d|^2 + floor)
-        inverse = np.linalg.inv(self._sum_aa + CONTROL_RIDGE * np.eye(2))                  # [N, 2, 2]
-        fitted = np.einsum("nkij,njl,nkil->nk", self._sum_da, inverse, self._sum_da)
-        self._explained = np.clip(fitted / (self._sum_dd + CONTROL_FLOOR), 0.0, 1.0)[..., None].astype(np.float32)
-        self._control_xy = xy.copy()
+        state, action = getattr(self, "_control_state", None), getattr(self, "_last_action", None)
+        position = torch.as_tensor(xy, dtype=torch.float64)
+        if state is None or action is None:
+            self._control_state = CONTROL.initial_state(position, action_dim=2)
+            self._explained = np.zeros((*xy.shape[:2], 1), np.float32)
+            return self._explained
+        explained, _, state = CONTROL.step(state, torch.as_tensor(action), position,
+                                           torch.ones(xy.shape[:2]))
+        # a new episode's first frame: no action of that episode yet, so nothing is explained
+        starts = torch.as_tensor(new_episode)
+        self._control_state = CONTROL.reset_rows(state, starts, position)
+        self._explained = torch.where(starts[:, None], 0.0, explained).numpy()[..., None]
         return self._explained
 
     def slots(self, state: np.ndarray, order: np.ndarray) -> dict[str, np.ndarray]:
@@ -190,7 +188,7 @@ def make_imperfect(goal_drop: float, position_noise: float, seed: int, noise_lag
                 score = np.where(features["presence"] > 0.5, explained[..., 0], -1.0)        # [N, K]
                 best = score.argmax(1)[:, None]
                 explained = ((np.arange(score.shape[1]) == best)
-                             & (np.take_along_axis(score, best, 1) > MOST_CONTROLLED_MIN))[..., None]
+                             & (np.take_along_axis(score, best, 1) > CONTROL.config.min_explained))[..., None]
             features["gestalt"] = np.concatenate([features["gestalt"], explained], -1).astype(np.float32)
         if zero_channel:
             gestalt = features["gestalt"]
