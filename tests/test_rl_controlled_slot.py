@@ -8,7 +8,8 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from locis_rl.rl.controlled_slot import ControlledSlotConfig, ControlledSlotTracker, action_features
+from locis_rl.rl.controlled_slot import (ControlledSlotConfig, ControlledSlotTracker, action_feature_dim,
+                                         action_features)
 from locis_rl.rl.sb3 import ControlledSlotVecEnv, SlotSetExtractor
 
 K, G = 4, 3
@@ -71,6 +72,11 @@ def test_action_features_encodings_and_errors():
     np.testing.assert_array_equal(action_features(gym.spaces.MultiDiscrete([2, 3]), np.array([[1, 2]])),
                                   [[0, 1, 0, 0, 1]])
     assert action_features(gym.spaces.Box(-1, 1, (2, 2)), np.zeros((5, 2, 2))).shape == (5, 4)
+    np.testing.assert_array_equal(action_features(gym.spaces.MultiDiscrete([2, 3], start=[1, -1]),
+                                                  np.array([[2, -1]])), [[0, 1, 1, 0, 0]])
+    assert [action_feature_dim(space) for space in (gym.spaces.Box(-1, 1, (2, 3)), gym.spaces.Discrete(4),
+                                                     gym.spaces.MultiDiscrete([2, 3]), gym.spaces.MultiBinary(5))
+            ] == [6, 4, 5, 5]
     with pytest.raises(TypeError, match="action space"):
         action_features(gym.spaces.Dict({"a": gym.spaces.Discrete(2)}), np.zeros(1))
     with pytest.raises(ValueError, match="decay"):
@@ -107,7 +113,11 @@ class SlotFeatureEnv(gym.Env):
 
 
 def test_vec_env_wrapper_marks_the_body_resets_done_rows_and_fills_terminal_observation():
-    venv = ControlledSlotVecEnv(DummyVecEnv([lambda: SlotFeatureEnv(6), lambda: SlotFeatureEnv(9)]))
+    inner = DummyVecEnv([lambda: SlotFeatureEnv(6), lambda: SlotFeatureEnv(9)])
+    inner.action_space.seed(5)
+    venv = ControlledSlotVecEnv(inner)
+    untouched = gym.spaces.Box(-1, 1, (2,), np.float32, seed=5)
+    np.testing.assert_array_equal(inner.action_space.sample(), untouched.sample())   # wrapping drew nothing
     assert venv.observation_space["controlled"].shape == (K,)
     obs = venv.reset()
     np.testing.assert_array_equal(obs["controlled"], 0)              # no action yet

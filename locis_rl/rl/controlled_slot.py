@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-__all__ = ["ControlledSlotConfig", "ControlledSlotTracker", "action_features"]
+__all__ = ["ControlledSlotConfig", "ControlledSlotTracker", "action_features", "action_feature_dim"]
 
 
 @dataclass(frozen=True)
@@ -116,23 +116,30 @@ class ControlledSlotTracker:
         return explained.float(), controlled.float(), new_state
 
 
+ACTION_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+
+
+def action_feature_dim(action_space: gym.Space) -> int:
+    """``A`` of :func:`action_features` for ``action_space`` (its flat size; a clear error for others)."""
+    if not isinstance(action_space, ACTION_SPACES):
+        raise TypeError(f"action space: expected Box, Discrete, MultiDiscrete or MultiBinary, actual value: "
+                        f"{action_space}")
+    return gym.spaces.flatdim(action_space)
+
+
 def action_features(action_space: gym.Space, actions: np.ndarray) -> np.ndarray:
     """Batched actions ``[N, ...]`` of ``action_space`` -> floats ``[N, A]`` for the least-squares fit.
 
     ``Box``: flattened; ``Discrete``: one-hot; ``MultiDiscrete``: the one-hots side by side;
-    ``MultiBinary``: as floats.
+    ``MultiBinary``: as floats (the encodings of ``gymnasium.spaces.flatten``, for a batch at once).
     """
+    action_feature_dim(action_space)
     actions = np.asarray(actions)
     n = actions.shape[0] if actions.ndim else 1
-    if isinstance(action_space, gym.spaces.Box):
-        return actions.reshape(n, -1).astype(np.float64)
     if isinstance(action_space, gym.spaces.Discrete):
         return np.eye(int(action_space.n))[actions.reshape(n).astype(np.int64) - int(action_space.start)]
     if isinstance(action_space, gym.spaces.MultiDiscrete):
-        nvec = action_space.nvec.reshape(-1)
-        flat = actions.reshape(n, -1).astype(np.int64)
+        nvec, start = action_space.nvec.reshape(-1), np.asarray(action_space.start).reshape(-1)
+        flat = actions.reshape(n, -1).astype(np.int64) - start
         return np.concatenate([np.eye(int(m))[flat[:, i]] for i, m in enumerate(nvec)], 1)
-    if isinstance(action_space, gym.spaces.MultiBinary):
-        return actions.reshape(n, -1).astype(np.float64)
-    raise TypeError(f"action space: expected Box, Discrete, MultiDiscrete or MultiBinary, actual value: "
-                    f"{action_space}")
+    return actions.reshape(n, -1).astype(np.float64)       # Box, MultiBinary

@@ -29,7 +29,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from tensordict import TensorDict
 
-from .controlled_slot import ControlledSlotConfig, ControlledSlotTracker, action_features
+from .controlled_slot import ControlledSlotConfig, ControlledSlotTracker, action_feature_dim, action_features
 from .gymnasium_wrappers import image_source
 from .perception import SlotPerception, flatten_features
 from .slot_set import SlotSetEncoder, unflatten_slots
@@ -151,7 +151,7 @@ class ControlledSlotVecEnv(VecEnvWrapper):
             raise ValueError(f"output: expected 'controlled' or 'explained', actual value: {output!r}")
         self.num_slots = space["presence"].shape[0]
         self.output = output
-        self.action_dim = action_features(venv.action_space, venv.action_space.sample()[None]).shape[1]
+        self.action_dim = action_feature_dim(venv.action_space)   # no sample(): it would draw from the space's RNG
         spaces = dict(space.spaces)
         spaces["controlled"] = gym.spaces.Box(0.0, 1.0, (self.num_slots,), np.float32)
         super().__init__(venv, observation_space=gym.spaces.Dict(spaces))
@@ -182,21 +182,21 @@ class ControlledSlotVecEnv(VecEnvWrapper):
         if self.state is None or self._actions is None:
             raise RuntimeError("ControlledSlotVecEnv: step() before reset()")
         dones = np.asarray(dones, dtype=np.bool_)
-        xy, presence = np.asarray(obs["position"])[..., :2].copy(), np.asarray(obs["presence"]).copy()
+        obs_xy = self._xy(obs)                                                         # [N, K, 2]
+        xy, presence = obs_xy.clone(), torch.as_tensor(np.asarray(obs["presence"])).clone()
         terminal_rows = [i for i in np.flatnonzero(dones)
                          if isinstance(infos[i].get("terminal_observation"), dict)
                          and "position" in infos[i]["terminal_observation"]]
         for i in terminal_rows:        # a done row's action led to its terminal frame, not to obs
-            xy[i] = np.asarray(infos[i]["terminal_observation"]["position"])[..., :2]
-            presence[i] = np.asarray(infos[i]["terminal_observation"]["presence"])
+            xy[i] = self._xy(infos[i]["terminal_observation"])
+            presence[i] = torch.as_tensor(np.asarray(infos[i]["terminal_observation"]["presence"]))
         action = torch.as_tensor(action_features(self.action_space, self._actions))
-        explained, controlled, self.state = self.tracker.step(
-            self.state, action, torch.as_tensor(xy), torch.as_tensor(presence))
+        explained, controlled, self.state = self.tracker.step(self.state, action, xy, presence)
         cue = (controlled if self.output == "controlled" else explained).numpy()
         for i in terminal_rows:
             infos[i]["terminal_observation"] = self._with(infos[i]["terminal_observation"], cue[i])
         if dones.any():
-            self.state = self.tracker.reset_rows(self.state, torch.as_tensor(dones), self._xy(obs))
+            self.state = self.tracker.reset_rows(self.state, torch.as_tensor(dones), obs_xy)
             cue = np.where(dones[:, None], 0.0, cue)
         return self._with(obs, cue), rewards, dones, infos
 
