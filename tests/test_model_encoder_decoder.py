@@ -374,3 +374,30 @@ def test_patch_conv_transpose_equals_the_transposed_convolution(in_channels, out
     rx, rw = torch.autograd.grad(expected, (x, reference.weight), grad)
     torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
+
+
+def test_gaussian_heatmap_has_no_subnormal_tail() -> None:
+    """Small Gaussians: the exact values where they are not negligible, exact zeros in the tail.
+
+    Subnormal floats (below ``finfo.tiny``) send every CPU multiply-add that reads them down a slow
+    path; the decoder reads Gestalt x heatmap, so the tail must hold none.
+    """
+    from locis_rl.model.blocks import coordinate_grid, gaussian_heatmap
+
+    on_pixel = coordinate_grid(64, 64)[0, 0, 32].item()  # x of pixel column 32
+    position = torch.tensor([[on_pixel, on_pixel, 0.02, 0.0], [0.9, -0.5, 0.05, 1.0],
+                             [-1.5, 2.0, 0.1, 0.0], [0.3, 0.3, 1e-4, 0.0]])
+    heat = gaussian_heatmap(position, 64, 64)
+    tiny = torch.finfo(heat.dtype).tiny
+    assert not ((heat > 0) & (heat < tiny)).any()
+    grid = coordinate_grid(64, 64, dtype=torch.float64)
+    pos = position.double()
+    dist2 = (grid[0] - pos[:, 0, None, None]) ** 2 + (grid[1] - pos[:, 1, None, None]) ** 2
+    exact = torch.exp(-0.5 * dist2 / pos[:, 2, None, None].clamp_min(1e-3) ** 2)
+    kept = exact >= 1e-21
+    assert kept.any(dim=(1, 2))[:2].all() and (~kept).any()  # both regimes are exercised
+    torch.testing.assert_close(heat[kept].double(), exact[kept], rtol=1e-3, atol=0)  # float32 grid and exponent
+    assert (heat[exact < 1e-22] == 0).all()
+    assert heat[0, 32, 32] == 1.0 and heat.max() <= 1.0
+    # Before the cut-off these small Gaussians filled much of the grid with subnormals.
+    assert ((exact > 0) & (exact < tiny)).any()

@@ -149,6 +149,14 @@ def coordinate_grid(height: int, width: int, *, device=None, dtype=None) -> torc
     return torch.stack([grid_x, grid_y])
 
 
+# Heatmap values below exp(-50) ~ 2e-22 are set to exactly 0. Left as they are, the tails of small
+# Gaussians reach float32's subnormal range (< 1.2e-38), and every CPU multiply-add on a subnormal
+# operand takes a slow microcode path: the decoder's first convolution, which reads Gestalt x
+# heatmap, made a Loci-s step ~1.5x slower on CPU. Values this small never change a float32 sum
+# that also holds the peak (1) or a bias, so the outputs stay the same.
+_HEATMAP_LOG_CUTOFF = -50.0
+
+
 def gaussian_heatmap(position: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Isotropic 2-D Gaussian per slot from a position code.
 
@@ -157,11 +165,13 @@ def gaussian_heatmap(position: torch.Tensor, height: int, width: int) -> torch.T
             ``size`` the standard deviation in the same normalised units (clamped at 1e-3).
 
     Returns:
-        ``[..., H, W]`` heatmap with peak 1 at ``(x, y)``.
+        ``[..., H, W]`` heatmap with peak 1 at ``(x, y)``; exactly 0 where it falls below
+        ``exp(-50)`` (no subnormal floats, see ``_HEATMAP_LOG_CUTOFF``).
     """
     grid = coordinate_grid(height, width, device=position.device, dtype=position.dtype)
     x = position[..., 0, None, None]
     y = position[..., 1, None, None]
     std = position[..., 2, None, None].clamp_min(1e-3)
     dist2 = (grid[0] - x).pow(2) + (grid[1] - y).pow(2)
-    return torch.exp(-0.5 * dist2 / std.pow(2))
+    exponent = -0.5 * dist2 / std.pow(2)
+    return torch.exp(exponent).masked_fill(exponent < _HEATMAP_LOG_CUTOFF, 0.0)
