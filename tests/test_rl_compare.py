@@ -102,6 +102,28 @@ def test_interrupted_run_resumes_from_its_mid_run_checkpoint(tmp_path, monkeypat
     assert not (out_dir / "partial" / "state_seed3.zip").exists()  # complete: the mid-run state is gone
 
 
+def test_mid_run_checkpoint_by_default_after_every_rollout(tmp_path, monkeypatch):
+    """Without ``--save-every`` a kill loses at most one rollout, however far apart the evaluations."""
+    from locis_rl.rl import compare
+
+    out_dir = tmp_path / "cmp"
+    argv = [*SMOKE, "--seeds", "4", "--inputs", "state", "--ppo", "n_steps=16", "--eval-every", "1000",
+            "--out", str(out_dir)]
+    original = compare.SuccessCurveCallback._on_rollout_start
+
+    def die_at_the_third_rollout(self):
+        original(self)
+        if self.num_timesteps >= 64:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare.SuccessCurveCallback, "_on_rollout_start", die_at_the_third_rollout)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    progress = json.loads((out_dir / "partial" / "state_seed4.json").read_text())
+    assert progress["num_timesteps"] == 64  # 2 rollouts of 2 envs x 16 steps, both kept
+    assert progress["steps"] == [0] and progress["next_eval"] == 1000
+
+
 def test_parallel_invocations_sharing_an_out_folder_keep_each_others_runs(tmp_path):
     from locis_rl.rl.compare import save_json
 

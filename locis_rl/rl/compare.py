@@ -36,8 +36,8 @@ Resuming: runs already completed in ``results.json`` are skipped (their saved mo
 re-evaluated for distractor counts not measured yet); settings that change training must match.
 A run stopped in the middle (``kill -9``, a session that ended) continues from its last mid-run
 checkpoint, ``partial/<input>_seed<k>.zip`` + ``.json``, written atomically at the first rollout
-boundary after every ``--save-every`` env steps: the policy, its optimiser, the curve so far and the
-wall-clock. It loses at most the steps since that checkpoint. The continuation is not bit-identical to
+boundary after every ``--save-every`` env steps (default: every rollout): the policy, its optimiser,
+the curve so far and the wall-clock. It loses at most the steps since that checkpoint. The continuation is not bit-identical to
 an uninterrupted run: the rollout in progress, the env episodes and the sampling RNG start afresh (the
 envs and RNG are re-seeded with ``seed + env steps done``, so no episode sequence is replayed).
 """
@@ -628,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: timesteps / 10)")
     p.add_argument("--eval-episodes", type=int, default=20, help="held-out episodes per evaluation")
     p.add_argument("--save-every", type=int, default=None, help="env steps between mid-run checkpoints "
-                   "(default: --eval-every; 0: none)")
+                   "(default: one rollout, n_steps x num-envs, so a killed run loses at most one rollout; "
+                   "0: none)")
     p.add_argument("--max-episode-steps", type=int, default=100, help="episode length before truncation")
     p.add_argument("--vec-env", default="dummy", choices=["dummy", "subproc"], help="SB3 VecEnv class")
     p.add_argument("--ppo", nargs="*", default=[], metavar="KEY=VALUE",
@@ -689,11 +690,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --num-slots: oracle_slots needs at least 3 slots (pusher, target, goal), "
                          f"actual value: {args.num_slots}")
     args.eval_every = args.eval_every or max(1, args.timesteps // 10)
-    args.save_every = args.eval_every if args.save_every is None else args.save_every
     try:
         ppo = PPOConfig.from_overrides(args.ppo)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if args.save_every is None:  # a checkpoint is ~2 MB and a rollout minutes of a slots run: save each
+        args.save_every = ppo.sb3_kwargs(args.timesteps, args.num_envs)["n_steps"] * args.num_envs
     os.makedirs(os.path.join(args.out, "models"), exist_ok=True)
     settings = {"env": ENV_ID, "timesteps": args.timesteps, "num_envs": args.num_envs,
                 "checkpoint": args.checkpoint, "train_distractors": args.train_distractors,
