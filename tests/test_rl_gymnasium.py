@@ -113,6 +113,28 @@ def test_missing_default_checkpoint_is_clear(monkeypatch, tmp_path):
         LociSWrapper(FakePixelEnv(), model="default", device="cpu")
 
 
+def test_unknown_mode_errors_at_construction(model):
+    with pytest.raises(ValueError, match=r"mode: expected one of \('rnd', 'reg', 'seg'\).*'segment'"):
+        LociSWrapper(FakePixelEnv(), model=model, device="cpu", mode="segment")
+
+
+@pytest.mark.parametrize("device, error", [
+    ("gpu", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("cuda:64", "CUDA device"),   # no machine of ours has 65 GPUs; without CUDA: "sees no CUDA device"
+])
+def test_unusable_device_errors_with_advice(model, device, error):
+    with pytest.raises(ValueError, match=error):
+        LociSWrapper(FakePixelEnv(), model=model, device=device)
+
+
+def test_cuda_without_a_gpu_says_to_use_auto(model, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="torch sees no CUDA device.*device='auto'"):
+        LociSWrapper(FakePixelEnv(), model=model, device="cuda")
+
+
 def test_nan_frames_error(model):
     env = FakePixelEnv(obs_kind="image")
     env.observation_space = gym.spaces.Box(0.0, 1.0, (IMAGE, IMAGE, 3), np.float32)

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
+from locis_rl.model.locis import MODES
+
 __all__ = [
     "FEATURE_KEYS",
     "SlotPerception",
@@ -67,10 +69,28 @@ _MAX_SEED = 2**32
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else goes to ``torch.device``."""
+    """``"auto"`` -> CUDA when available, else CPU; anything else goes to ``torch.device``.
+
+    Raises:
+        ValueError: not a device name, or a CUDA device on a machine where torch sees none (the
+            message says what torch sees and how to fall back).
+    """
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', actual value: {device!r}") from exc
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={device!r}, but torch sees no CUDA device (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'none'}); pass device='auto' to use "
+                             "the GPU when there is one, else the CPU")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device={device!r}, but torch sees {count} CUDA device(s): "
+                             f"cuda:0 ... cuda:{count - 1}")
+    return resolved
 
 
 def load_model(model: Any = "default", overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
@@ -335,6 +355,8 @@ class SlotPerception:
         self.use_depth = bool(config.use_depth)
         # Slot-assignment modes are Loci-s's; models without them (SAVi) get mode=None.
         self.mode = mode if hasattr(config, "assignment") else None
+        if self.mode is not None and self.mode not in MODES:  # fail here, not at the first reset()
+            raise ValueError(f"mode: expected one of {MODES} (or None: the model's own), actual value: {mode!r}")
         # The features never read the current frame's RGB reconstruction: skip its decoder.
         self._step_options = {"reconstruct_rgb": False} if hasattr(config, "assignment") else {}
         self.num_envs = int(num_envs)
