@@ -9,6 +9,7 @@ per minibatch.
 Usage:
     python examples/ppo_sb3_push.py --checkpoint tiny --total-timesteps 256   # smoke test
     python examples/ppo_sb3_push.py --checkpoint default --num-envs 8 --total-timesteps 250000
+    python examples/ppo_sb3_push.py --checkpoint default --num-envs 8 --total-timesteps 500000 --controlled-slot
     python examples/ppo_sb3_push.py --help                                     # every option
 
 Outputs (``<output-dir>/<exp-name>__<seed>__<time>/``): TensorBoard logs and ``policy.zip``.
@@ -31,7 +32,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 import envs  # noqa: F401  (registers the locis/... env ids)
 from locis_rl.rl.perception import load_locis
-from locis_rl.rl.sb3 import LociSVecEnvWrapper, SlotSetExtractor
+from locis_rl.rl.sb3 import ControlledSlotVecEnv, LociSVecEnvWrapper, SlotSetExtractor
 
 
 @dataclass
@@ -49,6 +50,9 @@ class Args:
     num_slots: int = 8
     """slots per frame (0: the checkpoint's own, 6 for the shipped one); the scene holds goal patch,
     target, pusher and 3 distractors, so 8 leaves room for a spurious slot"""
+    controlled_slot: bool = False
+    """add a `controlled` feature: 1 on the slot whose motion the actions explain best (the pusher's
+    in ~86 % of the shipped checkpoint's frames; docs/results.md, "Which slot do I move?")"""
 
     # environment
     num_envs: int = 4
@@ -118,7 +122,8 @@ def make_env(args: Args, model: torch.nn.Module, num_envs: int, seed: int) -> Ve
                         env_kwargs=dict(num_distractors=args.num_distractors,
                                         max_steps=args.max_episode_steps),
                         vec_env_cls=SubprocVecEnv if args.subproc else DummyVecEnv)
-    return LociSVecEnvWrapper(venv, model=model, device=args.device, seed=seed)
+    slots = LociSVecEnvWrapper(venv, model=model, device=args.device, seed=seed)
+    return ControlledSlotVecEnv(slots) if args.controlled_slot else slots
 
 
 def evaluate(agent: PPO, venv: VecEnv, episodes: int, seed: int) -> float:

@@ -24,8 +24,9 @@ def run_script(args: list[str], tmp_path: Path) -> str:
 
 @pytest.mark.slow
 def test_ppo_sb3_push_smoke(tmp_path):
-    out = run_script(["examples/ppo_sb3_push.py", *TINY, "--total-timesteps", "256",
+    out = run_script(["examples/ppo_sb3_push.py", *TINY, "--total-timesteps", "256", "--controlled-slot",
                       "--output-dir", str(tmp_path)], tmp_path)
+    assert "'controlled': Box(0.0, 1.0" in out  # the cue is among the policy's inputs
     assert "eval/success_rate:" in out
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "policy.zip").is_file()
