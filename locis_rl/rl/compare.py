@@ -37,9 +37,10 @@ re-evaluated for distractor counts not measured yet); settings that change train
 A run stopped in the middle (``kill -9``, a session that ended) continues from its last mid-run
 checkpoint, ``partial/<input>_seed<k>.zip`` + ``.json``, written atomically at the first rollout
 boundary after every ``--save-every`` env steps (default: every rollout): the policy, its optimiser,
-the curve so far and the wall-clock. It loses at most the steps since that checkpoint. The continuation is not bit-identical to
-an uninterrupted run: the rollout in progress, the env episodes and the sampling RNG start afresh (the
-envs and RNG are re-seeded with ``seed + env steps done``, so no episode sequence is replayed).
+the curve so far and the wall-clock. It loses at most the steps since that checkpoint. The
+continuation is not bit-identical to an uninterrupted run: the rollout in progress, the env episodes
+and the sampling RNG start afresh (the envs and RNG are re-seeded with ``seed + env steps done``, so
+no episode sequence is replayed).
 """
 from __future__ import annotations
 
