@@ -34,13 +34,13 @@ __all__ = ["main", "bench_model", "bench_wrapper", "bench_memory", "memory_verdi
 
 
 def _resolve_device(name: str) -> str:
-    import torch
+    """``--device`` as a device string; a CUDA device torch does not see ends the run with the reason."""
+    from locis_rl.rl.perception import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return name
+    try:
+        return str(resolve_device(name))
+    except ValueError as exc:
+        raise SystemExit(f"--device {name}: {exc}") from None
 
 
 def bench_model(preset: str, device: str, batch_size: int, *, steps: int = 5, warmup_steps: int = 1,
