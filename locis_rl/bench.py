@@ -28,19 +28,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from locis_rl.atomic_files import write_atomically
+from locis_rl.devices import cli_device
 
 __all__ = ["main", "bench_model", "bench_wrapper", "bench_memory", "memory_verdict", "least_squares_slope",
            "process_rss_mb", "SUBCOMMANDS"]
-
-
-def _resolve_device(name: str) -> str:
-    """``--device`` as a device string; a CUDA device torch does not see ends the run with the reason."""
-    from locis_rl.rl.perception import resolve_device
-
-    try:
-        return str(resolve_device(name))
-    except ValueError as exc:
-        raise SystemExit(f"--device {name}: {exc}") from None
 
 
 def bench_model(preset: str, device: str, batch_size: int, *, steps: int = 5, warmup_steps: int = 1,
@@ -113,7 +104,7 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _run_model(args: argparse.Namespace) -> int:
-    device = _resolve_device(args.device)
+    device = cli_device(args.device)
     rows = []
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else None
     for preset in args.presets:
@@ -137,7 +128,7 @@ def _add_model_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--presets", nargs="+", default=["tiny"],
                    help="model presets, 'default' (the shipped checkpoint) or a model file (default: tiny)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16], help="batch sizes (default: 1 16)")
-    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per setting (default: 5)")
     p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps after the first frame")
@@ -236,7 +227,7 @@ def _format_wrapper_table(rows: list[dict[str, Any]]) -> str:
 def _run_wrapper(args: argparse.Namespace) -> int:
     from locis_rl.rl.perception import load_locis
 
-    device = _resolve_device(args.device)
+    device = cli_device(args.device)
     try:
         model = load_locis(args.checkpoint, args.warmup)
     except FileNotFoundError as exc:
@@ -269,7 +260,7 @@ def _add_wrapper_parser(subparsers: argparse._SubParsersAction) -> None:
                                           "LociSVectorWrapper (vector envs), and the overhead per step.")
     p.add_argument("--checkpoint", default="default",
                    help="Loci-s weights: 'tiny' (random weights), 'default' or a checkpoint path")
-    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N")
     p.add_argument("--steps", type=int, default=50, help="timed steps per setting (default: 50)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps after the first reset")
     p.add_argument("--num-envs", nargs="+", type=int, default=[1, 8], help="env counts (default: 1 8)")
@@ -567,7 +558,7 @@ def _run_memory(args: argparse.Namespace) -> int:
     from locis_rl.evaluate import write_json
     from locis_rl.rl.perception import load_locis
 
-    device = _resolve_device(args.device)
+    device = cli_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
@@ -636,7 +627,7 @@ def _add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="tiny",
                    help="Loci-s weights: 'tiny' (random weights; memory does not depend on them, default), "
                         "'default' or a checkpoint path")
-    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N")
     p.add_argument("--samples", type=int, default=50, help="evenly spaced memory samples (default: 50)")
     p.add_argument("--warmup-fraction", type=float, default=0.05,
                    help="leading fraction of the steps left out of the fit (default: 0.05)")

@@ -47,6 +47,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from locis_rl.devices import cli_device
+
 __all__ = ["main", "heldout_seed", "heldout_dataset", "training_budget", "benchmark_segmentation", "SUBCOMMANDS"]
 
 HELDOUT_BASE_SEED = 100_000
@@ -385,7 +387,8 @@ def _add_segmentation_parser(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="held-out data cache (default: the training data cache)")
     p.add_argument("--workers", type=int, default=1, help="processes recording held-out data")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--comparison-mode", default="seg", choices=["rnd", "reg", "seg"],
                    help="Loci-s mode shown in comparison.png")
     p.add_argument("--comparison-frames", type=int, default=6)
@@ -393,6 +396,7 @@ def _add_segmentation_parser(sub) -> None:
 
 
 def _run_segmentation(args: argparse.Namespace) -> int:
+    args.device = cli_device(args.device)
     models = [("locis", "Loci-s", args.locis)]
     if args.locis_depth:
         models.append(("locis-depth", "Loci-s_d", args.locis_depth))

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from locis_rl.atomic_files import write_atomically
+from locis_rl.devices import cli_device
 
 __all__ = ["evaluate_model", "labels_from_masks", "load_model", "format_table", "main", "METRIC_KEYS",
            "model_step", "savi_label"]
@@ -404,8 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-sequences", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
+    args.device = cli_device(args.device)
     modes = [m for group in (args.mode or [["rnd", "reg", "seg"]]) for m in group]
     modes = list(dict.fromkeys(modes))
     try:

@@ -3,7 +3,7 @@
 Usage::
 
     python -m locis_rl.probe --checkpoint default --env locis/MultiObject-v0 --env-kwargs level=a \\
-        --episodes 32 --frames 12 [--mode seg] [--seed 0] [--device cpu] [--json probe.json]
+        --episodes 32 --frames 12 [--mode seg] [--seed 0] [--device auto] [--json probe.json]
     python -m locis_rl.probe --checkpoint tiny --episodes 4 --frames 4      # random-weight smoke run
 
 ``--checkpoint`` takes ``default`` (the shipped model), a file from ``LociS.save_pretrained`` /
@@ -64,6 +64,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+
+from locis_rl.devices import cli_device
 
 __all__ = [
     "FEATURE_GROUPS",
@@ -700,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("rnd", "reg", "seg"), default=None,
                    help="LociS slot assignment (default: the model config's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--min-iou", type=float, default=0.2)
     p.add_argument("--num-slots", type=int, default=None,
                    help="slots of a Loci-s model at inference (default: its config's)")
@@ -717,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.device = cli_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

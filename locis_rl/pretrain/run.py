@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from locis_rl.devices import resolve_device
+from locis_rl.model.config import ConfigError
 from locis_rl.pretrain.checkpointing import (CHECKPOINT_NAME, ResumeError, load_train_checkpoint, rng_state,
                                              save_train_checkpoint, set_rng_state)
 from locis_rl.pretrain.config import TrainConfig, apply_train_overrides
@@ -52,14 +54,16 @@ class _Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world_size > 1
-        want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-        if want_cuda and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda requested but CUDA is not available")
-        if want_cuda:
-            self.device = torch.device(f"cuda:{self.local_rank}" if cfg.device in ("auto", "cuda") else cfg.device)
+        try:
+            device = resolve_device(cfg.device)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (the config key is device=...)") from None
+        if device.type == "cuda":
+            # Under torchrun each rank takes its own GPU unless the config names one.
+            self.device = resolve_device(f"cuda:{self.local_rank}") if device.index is None else device
             torch.cuda.set_device(self.device)
         else:
-            self.device = torch.device("cpu")
+            self.device = device
         self.owns_group = False
         if self.enabled and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"

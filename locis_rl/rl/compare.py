@@ -65,6 +65,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 from tqdm import tqdm
 
 from locis_rl.atomic_files import write_atomically
+from locis_rl.devices import cli_device
 from locis_rl.rl.perception import load_locis
 from locis_rl.rl.sb3 import ControlledSlotVecEnv, LociSVecEnvWrapper, SlotSetExtractor
 
@@ -620,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"of oracle_slots (0: {ORACLE_SLOTS_DEFAULT}; at least 3)")
     p.add_argument("--controlled-slot", action="store_true",
                    help="slot inputs: add the controlled-slot cue (ControlledSlotVecEnv) to the features")
-    p.add_argument("--device", default="auto", help="device of Loci-s and of the policies: auto, cpu, cuda")
+    p.add_argument("--device", default="auto", help="device of Loci-s and of the policies: auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default="runs/rl_compare", help="output folder")
     p.add_argument("--train-distractors", type=int, default=3)
     p.add_argument("--eval-distractors", nargs="+", type=int, default=[3, 6, 10],
@@ -690,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     if "oracle_slots" in args.inputs and 0 < args.num_slots < 3:
         raise SystemExit(f"error: --num-slots: oracle_slots needs at least 3 slots (pusher, target, goal), "
                          f"actual value: {args.num_slots}")
+    args.device = cli_device(args.device)
     args.eval_every = args.eval_every or max(1, args.timesteps // 10)
     try:
         ppo = PPOConfig.from_overrides(args.ppo)

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
+from locis_rl.devices import resolve_device
 from locis_rl.model.locis import MODES
 
 __all__ = [
@@ -66,31 +67,6 @@ FEATURE_KEYS = ("gestalt", "position", "depth", "presence")
 """Names of the per-slot features, in the order used by the flat layout."""
 
 _MAX_SEED = 2**32
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else goes to ``torch.device``.
-
-    Raises:
-        ValueError: not a device name, or a CUDA device on a machine where torch sees none (the
-            message says what torch sees and how to fall back).
-    """
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', actual value: {device!r}") from exc
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"device={device!r}, but torch sees no CUDA device (torch {torch.__version__}, "
-                             f"CUDA build: {torch.version.cuda or 'none'}); pass device='auto' to use "
-                             "the GPU when there is one, else the CPU")
-        if resolved.index is not None and resolved.index >= count:
-            raise ValueError(f"device={device!r}, but torch sees {count} CUDA device(s): "
-                             f"cuda:0 ... cuda:{count - 1}")
-    return resolved
 
 
 def load_model(model: Any = "default", overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
