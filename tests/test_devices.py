@@ -55,3 +55,11 @@ def test_pretrain_rejects_cuda_without_a_gpu_as_a_config_error(no_cuda):
 
 def test_pretrain_auto_is_the_cpu_without_a_gpu(no_cuda):
     assert _Dist(TrainConfig(device="auto")).device == torch.device("cpu")
+
+
+def test_pretrain_rank_beyond_the_gpus_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="sees 1 CUDA device.*LOCAL_RANK=1"):
+        _Dist(TrainConfig(device="cuda"))

@@ -56,14 +56,14 @@ class _Dist:
         self.enabled = self.world_size > 1
         try:
             device = resolve_device(cfg.device)
+            if device.type == "cuda" and device.index is None:
+                # Under torchrun each rank takes its own GPU unless the config names one.
+                device = resolve_device(f"cuda:{self.local_rank}")
         except ValueError as exc:
-            raise ConfigError(f"{exc} (the config key is device=...)") from None
+            raise ConfigError(f"{exc} (config key device=..., LOCAL_RANK={self.local_rank})") from None
+        self.device = device
         if device.type == "cuda":
-            # Under torchrun each rank takes its own GPU unless the config names one.
-            self.device = resolve_device(f"cuda:{self.local_rank}") if device.index is None else device
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = device
+            torch.cuda.set_device(device)
         self.owns_group = False
         if self.enabled and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
